@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import check_choice, check_int_at_least, check_positive
-from .kernels import MALA, GaussianNoise, Langevin, State, evaluate, run_chain
+from .classifiers import TimeReversalClassifier
+from .kernels import MALA, GaussianNoise, Langevin, State, run_chain
 
 METHODS = ("nce", "cnce", "cd", "cd_mh", "adjusted_cd")
 
@@ -110,9 +111,9 @@ class CNCE:
     def __call__(self, model, x, generator) -> EstimatorOutput:
         chain = run_chain(self.kernel, model, x, 1, generator)
         x_tilde = chain.xk
-        log_q_ratio = self.kernel.log_q(x, _point(x_tilde)) - self.kernel.log_q(
-            x_tilde, _point(x)
-        )
+        x_state, x_tilde_state = _point(x), _point(x_tilde)
+        log_q_ratio = self.kernel.log_q(x_state, x_tilde_state)
+        log_q_ratio = log_q_ratio - self.kernel.log_q(x_tilde_state, x_state)
         log_w = log_q_ratio + model(x_tilde) - model(x)
         log_w_detached = log_w.detach()
         return EstimatorOutput(
@@ -162,25 +163,15 @@ class ContrastiveDivergence:
 
 
 def time_reversal_loss(model, chain, kernel) -> torch.Tensor:
-    """Return the BCE of the time-reversal classifier on ``chain``, eq. 17.
+    """Return the BCE of the time-reversal classifier on chains shown in order.
 
-    The classifier scores a chain's order by log w = sum_i log w(x_(i-1), x_i), where
-    the transition densities come from the fixed kernel and are detached while the
-    log p_theta terms carry gradient. The loss is mean softplus(log w); by
-    Observation 3 its gradient is the alpha-weighted CD-k update. ``chain`` must have
-    been run with ``keep_path=True``.
+    The loss is mean softplus(log w) = -mean log D_theta(x_0, ..., x_k) (eq. 17 with the
+    kernel held fixed). By Observation 3 its gradient is the alpha-weighted CD-k update.
+    ``chain`` must have been run with ``keep_path=True``.
     """
     if chain.path is None:
         raise ValueError("chain must be run with keep_path=True to score its order")
-    k, n = chain.path.shape[0] - 1, chain.path.shape[1]
-    flat = chain.path.reshape((k + 1) * n, -1)
-    log_p = model(flat).reshape(k + 1, n)
-    states = [evaluate(model, x, kernel.needs_score) for x in chain.path]
-    log_q_ratio = torch.zeros(n, dtype=flat.dtype, device=flat.device)
-    for before, after in zip(states[:-1], states[1:]):
-        log_q_ratio += kernel.log_q(before.x, after) - kernel.log_q(after.x, before)
-    log_w = log_q_ratio + (log_p[1:] - log_p[:-1]).sum(0)
-    return F.softplus(log_w).mean()
+    return F.softplus(TimeReversalClassifier(model, kernel).log_w(chain.path)).mean()
 
 
 def make_estimator(method: str, step_size: float, k: int, dim: int = 10):

@@ -92,8 +92,9 @@ class GaussianNoise:
     def __init__(self, std: float):
         self.std = check_positive("std", std)
 
-    def log_q(self, x_to: torch.Tensor, state_from: State) -> torch.Tensor:
-        return gaussian_log_density(x_to, state_from.x, self.std)
+    def log_q(self, state_to: State, state_from: State) -> torch.Tensor:
+        """Return log q(x_to | x_from) = log N(x_to; x_from, std^2 I)."""
+        return gaussian_log_density(state_to.x, state_from.x, self.std)
 
     def step(self, state: State, log_prob_fn: LogProbFn, generator: torch.Generator):
         x_new = state.x + self.std * standard_normal_like(state.x, generator)
@@ -118,8 +119,14 @@ class Langevin:
     def proposal_mean(self, state: State) -> torch.Tensor:
         return state.x + 0.5 * self.step_size**2 * state.score
 
-    def log_q(self, x_to: torch.Tensor, state_from: State) -> torch.Tensor:
-        return gaussian_log_density(x_to, self.proposal_mean(state_from), self.step_size)
+    def proposal_log_q(self, state_to: State, state_from: State) -> torch.Tensor:
+        """Return log N(x_to; x_from + (eps^2 / 2) score(x_from), eps^2 I)."""
+        mean = self.proposal_mean(state_from)
+        return gaussian_log_density(state_to.x, mean, self.step_size)
+
+    def log_q(self, state_to: State, state_from: State) -> torch.Tensor:
+        """Return the log transition density, here the proposal's."""
+        return self.proposal_log_q(state_to, state_from)
 
     def propose(self, state: State, log_prob_fn, generator) -> State:
         noise = standard_normal_like(state.x, generator)
@@ -143,9 +150,19 @@ class MALA(Langevin):
     detailed balance.
     """
 
+    def log_q(self, state_to: State, state_from: State) -> torch.Tensor:
+        """Return the log density of an accepted move, log q_prop(x_to|x_from) A(x_from, x_to).
+
+        The kernel also has a point mass at x_from (a rejection). For such a stay the
+        forward and backward terms of a weight are equal and cancel, whatever this
+        returns.
+        """
+        log_w = _log_weight_with(self.proposal_log_q, state_from, state_to)
+        return self.proposal_log_q(state_to, state_from) + torch.clamp(log_w, max=0.0)
+
     def step(self, state: State, log_prob_fn: LogProbFn, generator: torch.Generator):
         proposal = self.propose(state, log_prob_fn, generator)
-        log_w_proposal = log_weight(self, state, proposal)
+        log_w_proposal = _log_weight_with(self.proposal_log_q, state, proposal)
         finite = torch.isfinite(log_w_proposal)
         finite &= torch.isfinite(proposal.score).all(-1)
         log_w_proposal = torch.where(finite, log_w_proposal, -torch.inf)
@@ -170,8 +187,12 @@ class MALA(Langevin):
 
 def log_weight(kernel, state_from: State, state_to: State) -> torch.Tensor:
     """Return log w(x, x') = log q(x|x') p(x') - log q(x'|x) p(x), the paper's eq. 8."""
-    log_q_backward = kernel.log_q(state_from.x, state_to)
-    log_q_forward = kernel.log_q(state_to.x, state_from)
+    return _log_weight_with(kernel.log_q, state_from, state_to)
+
+
+def _log_weight_with(log_q, state_from: State, state_to: State) -> torch.Tensor:
+    log_q_backward = log_q(state_from, state_to)
+    log_q_forward = log_q(state_to, state_from)
     return log_q_backward - log_q_forward + state_to.log_p - state_from.log_p
 
 

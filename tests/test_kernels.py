@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cdlib.kernels import MALA, GaussianNoise, Langevin, evaluate, run_chain
+from cdlib.kernels import MALA, GaussianNoise, Langevin, State, evaluate, run_chain
 from cdlib.models import DiagonalGaussian, EnergyMLP
 
 from stats_helpers import normal_quantile
@@ -35,7 +35,7 @@ def test_gaussian_noise_log_q_matches_normal(generator):
     state = evaluate(target, torch.randn(8, 3, generator=generator, dtype=torch.float64), False)
     x_to = torch.randn(8, 3, generator=generator, dtype=torch.float64)
     reference = torch.distributions.Normal(state.x, 0.3).log_prob(x_to).sum(1)
-    assert torch.allclose(kernel.log_q(x_to, state), reference, rtol=0, atol=1e-12)
+    assert torch.allclose(kernel.log_q(State(x_to, None), state), reference, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel_class", [Langevin, MALA])
@@ -47,7 +47,22 @@ def test_langevin_log_q_matches_normal(kernel_class, generator):
     mean = state.x + 0.5 * eps**2 * target.grad_log_prob(state.x)
     x_to = torch.randn(8, 3, generator=generator, dtype=torch.float64)
     reference = torch.distributions.Normal(mean, eps).log_prob(x_to).sum(1)
-    assert torch.allclose(kernel.log_q(x_to, state), reference, rtol=0, atol=1e-12)
+    log_q = kernel.proposal_log_q(State(x_to, None), state)
+    assert torch.allclose(log_q, reference, rtol=0, atol=1e-12)
+
+
+def test_mala_transition_density_satisfies_detailed_balance(generator):
+    """q_MH(b|a) p(a) = q_MH(a|b) p(b) for moves a != b, on the paper's network."""
+    model = EnergyMLP(width=16, depth=4).double()
+    kernel = MALA(0.7)
+    a = evaluate(model, torch.randn(50, 10, generator=generator, dtype=torch.float64), True)
+    b = evaluate(model, a.x + 0.7 * torch.randn(50, 10, generator=generator, dtype=torch.float64), True)
+    forward = kernel.log_q(b, a) + a.log_p
+    backward = kernel.log_q(a, b) + b.log_p
+    assert (forward - backward).abs().max() < 1e-12
+    unadjusted = Langevin(0.7)
+    gap = unadjusted.log_q(b, a) + a.log_p - unadjusted.log_q(a, b) - b.log_p
+    assert gap.abs().max() > 1e-3
 
 
 def test_evaluate_leaves_parameter_gradients_empty():
