@@ -2,9 +2,13 @@
 
 Each classifier is built from the model log p_theta. Its logit is the log-odds that the
 input is in its original order (or, for NCE, that it is a data point), so that
-``sigmoid(logit)`` is the classifier's probability D_theta. The chapters train nothing
-with these classes directly; they exist so that the gradient identities between a
-classifier's BCE loss and the estimators' updates can be checked.
+``sigmoid(logit)`` is the classifier's probability D_theta. Training uses the estimators,
+which apply the same updates more cheaply. These classes exist so that the
+chapters and tests can check the identities between a classifier's BCE loss and
+those updates.
+
+Equation, algorithm and observation numbers are those of Yair and Michaeli,
+"Contrastive Divergence Learning is a Time Reversal Adversarial Game", ICLR 2021.
 """
 
 import torch

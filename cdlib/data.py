@@ -20,6 +20,9 @@ The exact log-density is the mixture
                + log int_0^1 N(x_{1:2}; c(t), plane_std^2 I) dt,
 
 whose integral is evaluated by composite Gauss-Legendre quadrature in log space.
+
+Equation, algorithm and observation numbers are those of Yair and Michaeli,
+"Contrastive Divergence Learning is a Time Reversal Adversarial Game", ICLR 2021.
 """
 
 import math

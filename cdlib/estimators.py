@@ -4,6 +4,9 @@ Each estimator is called as ``estimator(model, x, generator)`` on a data batch `
 and returns an :class:`EstimatorOutput`. Minimising ``loss`` with a gradient method
 applies the estimator's update. The weights ``alpha`` and the chain diagnostics are
 detached, so they never carry gradient.
+
+Equation, algorithm and observation numbers are those of Yair and Michaeli,
+"Contrastive Divergence Learning is a Time Reversal Adversarial Game", ICLR 2021.
 """
 
 import math
@@ -24,7 +27,7 @@ METHODS = ("nce", "cnce", "cd", "cd_mh", "adjusted_cd")
 class EstimatorOutput:
     """What one estimator call returns.
 
-    ``loss`` is the scalar to minimise. ``alpha`` holds the weight of each data point
+    ``loss`` is the scalar to minimise. ``alpha`` is the weight of each data point
     in the update, ``log_w`` the log-weight it comes from (``alpha = sigmoid(log_w)``),
     ``x_tilde`` the contrastive samples, and ``game_loss`` the value of the
     time-reversal classification loss, mean softplus(log_w), for every method but NCE.

@@ -8,6 +8,9 @@ model k + 1 times.
 
 All chain computations are detached from the model's parameters: the kernel is held
 fixed while the model is updated, as in the paper's adversarial reading of CD.
+
+Equation, algorithm and observation numbers are those of Yair and Michaeli,
+"Contrastive Divergence Learning is a Time Reversal Adversarial Game", ICLR 2021.
 """
 
 import math

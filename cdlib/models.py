@@ -2,6 +2,9 @@
 
 Every model maps a batch of shape (n, dim) to log p_theta(x) of shape (n,), up to an
 additive constant that does not depend on x.
+
+Equation, algorithm and observation numbers are those of Yair and Michaeli,
+"Contrastive Divergence Learning is a Time Reversal Adversarial Game", ICLR 2021.
 """
 
 import math

@@ -233,3 +233,19 @@ def test_kernels_reject_bad_scale(make):
 def test_run_chain_rejects_zero_steps(generator):
     with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
         run_chain(MALA(0.1), gaussian_target(), torch.zeros(2, 3, dtype=torch.float64), 0, generator)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chain_keeps_device_and_dtype(device, dtype):
+    model = EnergyMLP(width=8, depth=4).to(device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(5, 10, device=device, dtype=dtype)
+    for kernel in (GaussianNoise(0.1), Langevin(0.1), MALA(0.1)):
+        chain = run_chain(kernel, model, x0, 2, generator)
+        assert chain.xk.device.type == device
+        assert chain.xk.dtype == dtype
+        assert chain.log_w.dtype == dtype
