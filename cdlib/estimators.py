@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from ._validation import check_choice, check_int_at_least, check_positive
 from .classifiers import TimeReversalClassifier
-from .kernels import MALA, GaussianNoise, Langevin, State, run_chain
+from . import backprop
+from .kernels import (
+    MALA,
+    GaussianNoise,
+    Langevin,
+    State,
+    run_chain,
+    standard_normal_like,
+)
 
 METHODS = ("nce", "cnce", "cd", "cd_mh", "adjusted_cd")
 
@@ -112,12 +120,14 @@ class CNCE:
         self.kernel = GaussianNoise(std)
 
     def __call__(self, model, x, generator) -> EstimatorOutput:
-        chain = run_chain(self.kernel, model, x, 1, generator)
-        x_tilde = chain.xk
+        # The same draw as one step of run_chain(self.kernel, ...), without the
+        # chain's own evaluations of log p: the loss below needs both with gradient.
+        x_tilde = x.detach() + self.kernel.std * standard_normal_like(x, generator)
         x_state, x_tilde_state = _point(x), _point(x_tilde)
         log_q_ratio = self.kernel.log_q(x_state, x_tilde_state)
         log_q_ratio = log_q_ratio - self.kernel.log_q(x_tilde_state, x_state)
-        log_w = log_q_ratio + model(x_tilde) - model(x)
+        log_p = model(torch.cat([x, x_tilde]))
+        log_w = log_q_ratio + log_p[x.shape[0] :] - log_p[: x.shape[0]]
         log_w_detached = log_w.detach()
         return EstimatorOutput(
             loss=F.softplus(log_w).mean(),
@@ -125,7 +135,7 @@ class CNCE:
             log_w=log_w_detached,
             x_tilde=x_tilde,
             game_loss=F.softplus(log_w_detached).mean(),
-            nonfinite=chain.nonfinite,
+            nonfinite=int((~torch.isfinite(log_w_detached)).sum()),
         )
 
 
@@ -137,6 +147,11 @@ class ContrastiveDivergence:
     CD (the paper's Algorithm 2), which weights each chain by its alpha from eq. 19.
     The loss's gradient with respect to the parameters is the update itself; the
     chain, and therefore the kernel, is held fixed.
+
+    The loss reuses the chain's own evaluations of log p_theta at x_0 and x_k, so a
+    call runs k + 1 passes through the model, each a forward pass and an input
+    gradient, plus the backward pass for the parameters. With a rejecting kernel,
+    the rows whose last proposal was rejected get one more pass.
     """
 
     def __init__(self, kernel, k: int, weighting: str = "none"):
@@ -145,15 +160,14 @@ class ContrastiveDivergence:
         self.weighting = check_choice("weighting", weighting, ("none", "alpha"))
 
     def __call__(self, model, x, generator) -> EstimatorOutput:
-        chain = run_chain(self.kernel, model, x, self.k, generator)
-        log_p = model(torch.cat([x, chain.xk]))
-        log_p_x, log_p_xk = log_p[: x.shape[0]], log_p[x.shape[0] :]
-        difference = log_p_xk - log_p_x
+        recorder = _EndpointRecorder(model)
+        chain = run_chain(self.kernel, recorder, x, self.k, generator)
         alpha = alpha_from_log_w(chain.log_w)
-        if self.weighting == "alpha":
-            loss = (alpha * difference).mean()
+        weight = alpha if self.weighting == "alpha" else None
+        if recorder.first is None:
+            loss = _endpoint_loss_from_forward(model, x, chain.xk, weight)
         else:
-            loss = difference.mean()
+            loss = recorder.endpoint_loss(chain.xk, weight)
         return EstimatorOutput(
             loss=loss,
             alpha=alpha,
@@ -198,6 +212,97 @@ def make_estimator(method: str, step_size: float, k: int, dim: int = 10):
     if method == "cd_mh":
         return ContrastiveDivergence(MALA(step_size), k, weighting="none")
     return ContrastiveDivergence(Langevin(step_size), k, weighting="alpha")
+
+
+def _endpoint_loss_from_forward(model, x0, xk, weight):
+    """Return mean(weight * (log p(x_k) - log p(x_0))) from a new forward pass."""
+    log_p = model(torch.cat([x0, xk]))
+    difference = log_p[x0.shape[0] :] - log_p[: x0.shape[0]]
+    return difference.mean() if weight is None else (weight * difference).mean()
+
+
+@dataclass
+class _Evaluation:
+    """One pass through the model at ``x``, kept for the loss.
+
+    ``log_p`` carries the parameters' autograd graph, or, when ``cache`` is set,
+    is detached and the cache of :mod:`cdlib.backprop` stands in for the graph.
+    """
+
+    x: torch.Tensor
+    log_p: torch.Tensor
+    score: torch.Tensor
+    cache: Optional[backprop.LayerCache] = None
+
+
+class _EndpointRecorder:
+    """The model as a chain sees it, keeping the passes that the CD loss reuses.
+
+    ``run_chain`` evaluates log p_theta and its score once per state through
+    :meth:`log_prob_and_score`. The recorder keeps the first of these passes, at
+    x_0, and the latest, so that the loss at x_0 and x_k needs no new forward pass.
+    For an :class:`EnergyMLP` the passes are those of :mod:`cdlib.backprop` with
+    their layer caches; for any other model they keep the autograd graph.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.first: Optional[_Evaluation] = None
+        self.last: Optional[_Evaluation] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def log_prob_and_score(self, x: torch.Tensor):
+        evaluation = self._evaluate(x)
+        if self.first is None:
+            self.first = evaluation
+        self.last = evaluation
+        return evaluation.log_p.detach(), evaluation.score
+
+    def _evaluate(self, x: torch.Tensor) -> _Evaluation:
+        if backprop.supports(self.model, x):
+            result = backprop.forward_backward(self.model, x, keep_cache=True)
+            return _Evaluation(x, result.log_p, result.score, result.cache)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_p = self.model(x_in)
+            (score,) = torch.autograd.grad(log_p.sum(), x_in, retain_graph=True)
+        return _Evaluation(x, log_p, score)
+
+    def _final(self, xk: torch.Tensor) -> _Evaluation:
+        """Return the pass at ``xk``, evaluating the rows the last pass missed.
+
+        A chain without rejection ends at its last proposal. After a rejection a
+        row ends at an earlier state, which the recorder no longer holds.
+        """
+        last = self.last
+        if xk is last.x:
+            return last
+        same = (xk == last.x) | (xk.isnan() & last.x.isnan())
+        missed = (~same.all(-1)).nonzero().squeeze(-1)
+        if missed.numel() == 0:
+            return last
+        rows = self._evaluate(xk[missed])
+        score = last.score.index_copy(0, missed, rows.score)
+        if last.cache is None:
+            log_p = last.log_p.index_put((missed,), rows.log_p)
+            return _Evaluation(xk, log_p, score)
+        log_p = last.log_p.index_copy(0, missed, rows.log_p)
+        cache = last.cache.index_copy(missed, rows.cache)
+        return _Evaluation(xk, log_p, score, cache)
+
+    def endpoint_loss(self, xk: torch.Tensor, weight: Optional[torch.Tensor]):
+        """Return mean(weight * (log p(x_k) - log p(x_0))), weight 1 if None."""
+        first, final = self.first, self._final(xk)
+        difference = final.log_p - first.log_p
+        loss = difference.mean() if weight is None else (weight * difference).mean()
+        if first.cache is None:
+            return loss
+        n = xk.shape[0]
+        c = torch.full_like(difference, 1.0 / n) if weight is None else weight / n
+        terms = [(-c, first.cache), (c, final.cache)]
+        return backprop.weighted_log_prob_sum(self.model, loss, terms)
 
 
 def _point(x: torch.Tensor) -> State:

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import backprop
 from ._validation import check_int_at_least, check_positive
 
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]
@@ -53,12 +54,22 @@ def evaluate(log_prob_fn: LogProbFn, x: torch.Tensor, with_score: bool) -> State
     """Evaluate log p_theta and optionally its score at ``x``, detached from theta.
 
     The score comes from ``torch.autograd.grad`` with respect to ``x`` only, so no
-    gradient accumulates in the model's parameters.
+    gradient accumulates in the model's parameters. Two cases take a faster route
+    to the same values: an :class:`EnergyMLP` runs the hand-written pass of
+    :mod:`cdlib.backprop`, and a ``log_prob_fn`` with a method
+    ``log_prob_and_score(x)`` returning ``(log_p, score)`` is asked for both.
     """
     x = x.detach()
     if not with_score:
         with torch.no_grad():
             return State(x, log_prob_fn(x))
+    log_prob_and_score = getattr(log_prob_fn, "log_prob_and_score", None)
+    if log_prob_and_score is not None:
+        log_p, score = log_prob_and_score(x)
+        return State(x, log_p.detach(), score.detach())
+    if backprop.supports(log_prob_fn, x):
+        result = backprop.forward_backward(log_prob_fn, x)
+        return State(x, result.log_p, result.score)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         log_p = log_prob_fn(x_in)
