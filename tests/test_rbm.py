@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 
 from cdlib.classifiers import TimeReversalClassifier, present_in_random_order
 from cdlib.estimators import alpha_from_log_w
@@ -21,7 +22,6 @@ from cdlib.rbm import (
     sample_exact,
     train_rbm,
 )
-from stats_helpers import normal_quantile
 
 TOLERANCE = 1e-10
 N_VISIBLE, N_HIDDEN = 5, 3
@@ -39,7 +39,9 @@ def random_rbm(n_visible, n_hidden, seed, scale=1.0):
     """An RBM with N(0, scale^2) weights and biases, far from the flat initial one."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(n_hidden, n_visible), (n_visible,), (n_hidden,)]
-    values = [scale * torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    values = [
+        scale * torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes
+    ]
     return BernoulliRBM.from_parameters(*values)
 
 
@@ -149,7 +151,7 @@ def test_model_marginal_is_stationary(rbm, all_pairs):
 
 
 def test_mean_field_transition_breaks_detailed_balance(rbm, all_pairs):
-    """The shortcut q(v'|v) = p(v' | h = E[h|v]) is not the Gibbs kernel; its w != 1."""
+    """The shortcut q(v'|v) = p(v' | h = E[h|v]) is not the Gibbs kernel, so w != 1."""
     v_to, v_from = all_pairs
     with torch.no_grad():
 
@@ -173,8 +175,10 @@ class MeanFieldGibbs(BlockGibbs):
 
 
 def gibbs_chain_gradients(rbm, kernel, v0, k, seed):
-    """Return the game's gradient and half the plain CD-k gradient on the same chains."""
-    chain = run_chain(kernel, rbm, v0, k, torch.Generator().manual_seed(seed), keep_path=True)
+    """Return the game's gradient and half the CD-k gradient on the same chains."""
+    chain = run_chain(
+        kernel, rbm, v0, k, torch.Generator().manual_seed(seed), keep_path=True
+    )
     presented, is_original = present_in_random_order(
         chain.path, torch.Generator().manual_seed(seed + 1)
     )
@@ -201,7 +205,7 @@ def test_game_with_wrong_transition_is_not_half_cd():
     assert max_relative_error(game, half_cd) > 1e-3
 
 
-def test_cd_loss_gradient_is_classical_rbm_update(rbm):
+def test_cd_loss_gives_classical_update(rbm):
     generator = torch.Generator().manual_seed(3)
     v_data = binary_states(N_VISIBLE)[::2]
     v_model = rbm.gibbs_step(v_data, generator)
@@ -220,14 +224,20 @@ def test_cd_loss_gradient_is_classical_rbm_update(rbm):
     assert max_relative_error(-hidden_grad, update_hidden) < TOLERANCE
 
 
-def test_kernel_that_moves_with_model_gives_zero_gradient(rbm):
+def test_moving_kernel_gives_zero_gradient(rbm):
     """Not holding the Gibbs kernel fixed makes log w = 0 for every theta, so the
     game's gradient vanishes instead of being half the CD update."""
     v0 = binary_states(N_VISIBLE)
-    chain = run_chain(BlockGibbs(rbm), rbm, v0, 2, torch.Generator().manual_seed(4), keep_path=True)
+    chain = run_chain(
+        BlockGibbs(rbm), rbm, v0, 2, torch.Generator().manual_seed(4), keep_path=True
+    )
     log_w = torch.zeros(v0.shape[0], dtype=torch.float64)
     for before, after in zip(chain.path[:-1], chain.path[1:]):
-        log_w = log_w + log_transition(rbm, before, after) - log_transition(rbm, after, before)
+        log_w = (
+            log_w
+            + log_transition(rbm, before, after)
+            - log_transition(rbm, after, before)
+        )
         log_w = log_w + rbm(after) - rbm(before)
     params = list(rbm.parameters())
     moving = flat(torch.autograd.grad(F.softplus(log_w).mean(), params))
@@ -242,23 +252,31 @@ def test_kernel_log_q_is_detached(rbm):
     assert not BlockGibbs(rbm).log_q(state, state).requires_grad
 
 
-def test_gibbs_frequencies_match_transition(rbm):
-    """Empirical frequencies of v' from one start, against exact q(v'|v).
+def min_binomial_p_value(counts, probabilities):
+    """Return the smallest exact two-sided binomial p-value over the cells."""
+    n = int(counts.sum())
+    return min(
+        binomtest(int(count), n, float(probability)).pvalue
+        for count, probability in zip(counts, probabilities)
+    )
 
-    Each of the 32 cells is a z-test; with the Bonferroni split the test fails with
-    probability at most 1e-6 when the kernel is right.
+
+def test_gibbs_frequencies_match_transition(rbm):
+    """Counts of v' from one start, against exact q(v'|v).
+
+    Each of the 32 cells gets an exact binomial test. With the failure rate split
+    evenly over them (Bonferroni), the test fails with probability at most 1e-6
+    when q is right.
     """
     n = 200_000
     states = binary_states(N_VISIBLE)
     v_start = states[13]
     draws = rbm.gibbs_step(v_start.repeat(n, 1), torch.Generator().manual_seed(5))
     index = (draws * 2 ** torch.arange(N_VISIBLE)).sum(-1).long()
-    frequency = torch.bincount(index, minlength=states.shape[0]).double() / n
+    counts = torch.bincount(index, minlength=states.shape[0])
     with torch.no_grad():
         q = log_transition(rbm, states, v_start.repeat(states.shape[0], 1)).exp()
-    z = normal_quantile(1e-6 / states.shape[0])
-    standard_error = (q * (1 - q) / n).sqrt()
-    assert ((frequency - q).abs() <= z * standard_error).all()
+    assert min_binomial_p_value(counts, q) > 1e-6 / states.shape[0]
 
 
 def test_exact_samples_match_model_marginal(rbm):
@@ -268,16 +286,32 @@ def test_exact_samples_match_model_marginal(rbm):
     assert samples.shape == (n, N_VISIBLE)
     assert hidden.shape == (n, N_HIDDEN)
     index = (samples * 2 ** torch.arange(N_VISIBLE)).sum(-1).long()
-    frequency = torch.bincount(index, minlength=states.shape[0]).double() / n
+    counts = torch.bincount(index, minlength=states.shape[0])
     with torch.no_grad():
         p = (rbm(states) - log_partition(rbm)).exp()
-    z = normal_quantile(1e-6 / states.shape[0])
-    assert ((frequency - p).abs() <= z * (p * (1 - p) / n).sqrt()).all()
+    assert min_binomial_p_value(counts, p) > 1e-6 / states.shape[0]
+
+
+def test_wrong_transition_fails_frequency_check(rbm):
+    """The frequency check has power: the mean-field q is rejected by it."""
+    n = 200_000
+    states = binary_states(N_VISIBLE)
+    v_start = states[13]
+    draws = rbm.gibbs_step(v_start.repeat(n, 1), torch.Generator().manual_seed(5))
+    index = (draws * 2 ** torch.arange(N_VISIBLE)).sum(-1).long()
+    counts = torch.bincount(index, minlength=states.shape[0])
+    with torch.no_grad():
+        s = rbm.visible_logits(torch.sigmoid(rbm.hidden_logits(v_start[None])))
+        wrong_q = (states * s - F.softplus(s)).sum(-1).exp()
+    assert abs(wrong_q.sum().item() - 1) < 1e-12
+    assert min_binomial_p_value(counts, wrong_q) < 1e-6 / states.shape[0]
 
 
 def test_run_chain_with_gibbs_kernel(rbm):
     v0 = binary_states(N_VISIBLE)
-    chain = run_chain(BlockGibbs(rbm), rbm, v0, 4, torch.Generator().manual_seed(7), keep_path=True)
+    chain = run_chain(
+        BlockGibbs(rbm), rbm, v0, 4, torch.Generator().manual_seed(7), keep_path=True
+    )
     assert chain.path.shape == (5, v0.shape[0], N_VISIBLE)
     assert chain.evaluations == 5
     assert chain.nonfinite == 0
@@ -285,7 +319,7 @@ def test_run_chain_with_gibbs_kernel(rbm):
     assert chain.log_w_steps.abs().max() < TOLERANCE
 
 
-def test_gibbs_kernel_weight_is_not_one_for_another_model(rbm):
+def test_gibbs_weight_differs_for_other_model(rbm):
     other = random_rbm(N_VISIBLE, N_HIDDEN, seed=8)
     v0 = binary_states(N_VISIBLE)
     chain = run_chain(BlockGibbs(other), rbm, v0, 2, torch.Generator().manual_seed(9))
@@ -298,8 +332,15 @@ def test_training_improves_exact_log_likelihood():
     for method in ("cd", "pcd"):
         rbm = BernoulliRBM(64, 8, torch.Generator().manual_seed(0))
         history = train_rbm(
-            rbm, train, test, method=method, k=1, epochs=3, batch_size=10,
-            learning_rate=0.1, generator=torch.Generator().manual_seed(1),
+            rbm,
+            train,
+            test,
+            method=method,
+            k=1,
+            epochs=3,
+            batch_size=10,
+            learning_rate=0.1,
+            generator=torch.Generator().manual_seed(1),
         )
         assert history.epoch == [0, 1, 2, 3]
         assert history.test_log_likelihood[-1] > history.test_log_likelihood[0] + 5
@@ -309,6 +350,26 @@ def test_training_improves_exact_log_likelihood():
             assert history.chains.shape == (10, 64)
         else:
             assert history.chains is None
+
+
+def test_training_evaluates_every_few_epochs():
+    digits = load_binary_digits()
+    rbm = BernoulliRBM(64, 4, torch.Generator().manual_seed(0))
+    history = train_rbm(
+        rbm,
+        digits.train[:50],
+        digits.test[:20],
+        method="cd",
+        k=1,
+        epochs=5,
+        batch_size=25,
+        learning_rate=0.1,
+        generator=torch.Generator().manual_seed(1),
+        evaluate_every=2,
+    )
+    assert history.epoch == [0, 2, 4, 5]
+    assert len(history.test_log_likelihood) == 4
+    assert len(history.train_log_likelihood) == 4
 
 
 def test_digits_are_binary_and_split():
@@ -321,7 +382,7 @@ def test_digits_are_binary_and_split():
     assert torch.equal(digits.test, again.test)
 
 
-def test_independent_baseline_equals_rbm_without_interactions():
+def test_baseline_equals_rbm_without_weights():
     digits = load_binary_digits()
     train, test = digits.train, digits.test
     baseline = independent_bernoulli_log_likelihood(train, test)
@@ -337,12 +398,40 @@ def test_independent_baseline_equals_rbm_without_interactions():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: m(torch.full((2, N_VISIBLE), 0.5, dtype=torch.float64)), r"v must contain only the values 0 and 1, got 10 other entries \(for example 0.5\)"),
-        (lambda m: m(torch.zeros(2, N_VISIBLE + 1, dtype=torch.float64)), r"v must have shape \(n, 5\) with n >= 1, got \(2, 6\)"),
-        (lambda m: m(torch.zeros(2, N_VISIBLE, dtype=torch.long)), "v must be a floating-point tensor"),
-        (lambda m: log_transition(m, torch.zeros(3, N_VISIBLE, dtype=torch.float64), torch.zeros(2, N_VISIBLE, dtype=torch.float64)), "v_to and v_from must have the same number of rows, got 3 and 2"),
-        (lambda m: exact_log_likelihood(m, torch.full((1, N_VISIBLE), 2.0, dtype=torch.float64)), "v must contain only the values 0 and 1"),
-        (lambda m: m.energy(torch.zeros(2, N_VISIBLE, dtype=torch.float64), torch.zeros(3, N_HIDDEN, dtype=torch.float64)), "v and h must have the same number of rows"),
+        (
+            lambda m: m(torch.full((2, N_VISIBLE), 0.5, dtype=torch.float64)),
+            r"v must contain only the values 0 and 1, got 10 other entries "
+            r"\(for example 0.5\)",
+        ),
+        (
+            lambda m: m(torch.zeros(2, N_VISIBLE + 1, dtype=torch.float64)),
+            r"v must have shape \(n, 5\) with n >= 1, got \(2, 6\)",
+        ),
+        (
+            lambda m: m(torch.zeros(2, N_VISIBLE, dtype=torch.long)),
+            "v must be a floating-point tensor",
+        ),
+        (
+            lambda m: log_transition(
+                m,
+                torch.zeros(3, N_VISIBLE, dtype=torch.float64),
+                torch.zeros(2, N_VISIBLE, dtype=torch.float64),
+            ),
+            "v_to and v_from must have the same number of rows, got 3 and 2",
+        ),
+        (
+            lambda m: exact_log_likelihood(
+                m, torch.full((1, N_VISIBLE), 2.0, dtype=torch.float64)
+            ),
+            "v must contain only the values 0 and 1",
+        ),
+        (
+            lambda m: m.energy(
+                torch.zeros(2, N_VISIBLE, dtype=torch.float64),
+                torch.zeros(3, N_HIDDEN, dtype=torch.float64),
+            ),
+            "v and h must have the same number of rows",
+        ),
     ],
 )
 def test_rbm_rejects_bad_input(rbm, call, message):
@@ -353,7 +442,10 @@ def test_rbm_rejects_bad_input(rbm, call, message):
 def test_too_many_hidden_units_are_rejected():
     large = BernoulliRBM(4, MAX_ENUMERATED_HIDDEN + 1, torch.Generator().manual_seed(0))
     v = torch.zeros(2, 4, dtype=torch.float64)
-    message = r"n_hidden must be at most 16 for exact sums over the 2\^n_hidden hidden states, got 17"
+    message = (
+        r"n_hidden must be at most 16 for exact sums over the 2\^n_hidden hidden "
+        r"states, got 17"
+    )
     for call in (
         lambda: log_partition(large),
         lambda: exact_log_likelihood(large, v),
@@ -375,13 +467,21 @@ def test_train_rejects_bad_input_before_training():
         (dict(method="gibbs"), "method must be one of 'cd', 'pcd', got 'gibbs'"),
         (dict(k=0), "k must be an integer >= 1, got 0"),
         (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-        (dict(learning_rate=-1.0), r"learning_rate must be a finite number > 0, got -1.0"),
+        (
+            dict(learning_rate=-1.0),
+            r"learning_rate must be a finite number > 0, got -1.0",
+        ),
+        (dict(evaluate_every=0), "evaluate_every must be an integer >= 1, got 0"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
-            train_rbm(rbm, data, data, generator=torch.Generator(), **{**good, **change})
+            train_rbm(
+                rbm, data, data, generator=torch.Generator(), **{**good, **change}
+            )
     grey = data * 0.5
-    with pytest.raises(ValueError, match="train_v must contain only the values 0 and 1"):
+    with pytest.raises(
+        ValueError, match="train_v must contain only the values 0 and 1"
+    ):
         train_rbm(rbm, grey, data, generator=torch.Generator(), **good)
     with pytest.raises(ValueError, match=r"test_v must have shape \(n, 64\)"):
         train_rbm(rbm, data, data[:, :10], generator=torch.Generator(), **good)
@@ -394,9 +494,18 @@ def test_train_rejects_bad_input_before_training():
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        (((3, 5), (4,), (3,)), r"visible_bias must have shape \(5,\) to match weight \(3, 5\), got \(4,\)"),
-        (((3, 5), (5,), (2,)), r"hidden_bias must have shape \(3,\) to match weight \(3, 5\), got \(2,\)"),
-        (((15,), (5,), (3,)), r"weight must have shape \(n_hidden, n_visible\), got \(15,\)"),
+        (
+            ((3, 5), (4,), (3,)),
+            r"visible_bias must have shape \(5,\) to match weight \(3, 5\), got \(4,\)",
+        ),
+        (
+            ((3, 5), (5,), (2,)),
+            r"hidden_bias must have shape \(3,\) to match weight \(3, 5\), got \(2,\)",
+        ),
+        (
+            ((15,), (5,), (3,)),
+            r"weight must have shape \(n_hidden, n_visible\), got \(15,\)",
+        ),
     ],
 )
 def test_from_parameters_rejects_mismatched_shapes(shapes, message):
