@@ -1,7 +1,7 @@
 """Argument checks shared by the library: each raises ``ValueError`` naming the value."""
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -17,9 +17,9 @@ def check_positive(name: str, value) -> float:
 
 def check_int_at_least(name: str, value, minimum: int) -> int:
     """Return ``value``, or raise unless it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value, allowed) -> str:

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Optional
 
@@ -64,15 +65,22 @@ class TrainConfig:
         check_int_at_least("k", self.k, 1)
         if self.method in ("nce", "cnce") and self.k != 1:
             raise ValueError(f"k must be 1 for method {self.method!r}, got {self.k!r}")
-        check_int_at_least("batch_size", self.batch_size, 1)
-        check_int_at_least("steps", self.steps, 1)
-        check_int_at_least("width", self.width, 1)
-        check_int_at_least("depth", self.depth, 2)
+        for name, minimum in (("batch_size", 1), ("steps", 1), ("width", 1), ("depth", 2)):
+            # NumPy integers pass and are stored as int, so the config pickles plainly.
+            object.__setattr__(self, name, check_int_at_least(name, getattr(self, name), minimum))
         check_positive("lr_start", self.lr_start)
         check_positive("lr_end", self.lr_end)
         check_positive("lr_scale", self.lr_scale)
-        if isinstance(self.momentum, bool) or not (0.0 <= self.momentum < 1.0):
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.lr_end > self.lr_start:
+            raise ValueError(
+                f"lr_end must be <= lr_start (the rate decays), got lr_start="
+                f"{self.lr_start!r} and lr_end={self.lr_end!r}"
+            )
+        momentum = self.momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, Real):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         check_int_at_least("n_data", self.n_data, 1)
         check_int_at_least("seed", self.seed, 0)
         check_choice("dtype", self.dtype, tuple(DTYPES))
@@ -170,7 +178,7 @@ class Trainer:
                 f"training diverged at step {self.step}: loss={out.loss.item()!r}, "
                 f"non-finite contrastive samples={int((~torch.isfinite(out.x_tilde)).any(1).sum())} "
                 f"(method={config.method!r}, step_size={config.step_size!r}, "
-                f"k={config.k}, seed={config.seed}); the last checkpoint is kept"
+                f"k={config.k}, seed={config.seed})" + self._checkpoint_note()
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -179,6 +187,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self._record(out, lr)
+
+    def _checkpoint_note(self) -> str:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return "; no checkpoint was written"
+        return f"; the last good checkpoint is kept at {str(self.checkpoint_path)!r}"
 
     def _record(self, out, lr: float) -> None:
         alpha = out.alpha.double()
@@ -262,7 +275,7 @@ class Trainer:
         ``data`` must be the tensor the run was started with (its fingerprint is
         checked); the default regenerates the spiral data from the seed.
         """
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(path)
         config = TrainConfig(**state["config"])
         trainer = cls(config, data=data, checkpoint_path=path, progress=progress)
         if trainer.data_fingerprint != state["data_fingerprint"]:
@@ -285,6 +298,50 @@ def train(config: TrainConfig, data=None, checkpoint_path=None, progress=True) -
     trainer = Trainer(config, data=data, checkpoint_path=checkpoint_path, progress=progress)
     trainer.run()
     return trainer
+
+
+CHECKPOINT_KEYS = (
+    "version",
+    "config",
+    "step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "batch_generator",
+    "mcmc_generator",
+    "history",
+    "data_fingerprint",
+)
+
+
+def _load_checkpoint(path) -> dict:
+    """Read a checkpoint written by :meth:`Trainer.save_checkpoint`.
+
+    The file is unpickled with ``weights_only=False`` because it stores the history
+    and the generator states, so load only checkpoints you wrote yourself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: "
+            f"{error}); it is truncated or not a cdlib checkpoint"
+        ) from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a cdlib training checkpoint: "
+            f"missing {', '.join(missing)}"
+        )
+    if state["version"] != __version__:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written by cdlib {state['version']}, "
+            f"this is cdlib {__version__}; continue it with that version"
+        )
+    return state
 
 
 def _spawn_seeds(seed: int, count: int) -> list[int]:

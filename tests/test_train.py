@@ -154,12 +154,74 @@ def test_trainer_rejects_bad_data(data, message):
         Trainer(TrainConfig(steps=1, **SMALL), data=data, progress=False)
 
 
-def test_bad_data_rejected_before_any_training(tmp_path):
-    with pytest.raises(ValueError):
-        Trainer(TrainConfig(steps=1, **SMALL), data=torch.zeros(5, 2), checkpoint_path=tmp_path / "x.pt")
-    assert not (tmp_path / "x.pt").exists()
-
-
 def test_float64_training_keeps_dtype():
     trainer = train(TrainConfig(steps=2, dtype="float64", **SMALL), progress=False)
     assert all(p.dtype == torch.float64 for p in trainer.model.parameters())
+
+
+def test_config_accepts_numpy_integers():
+    config = TrainConfig(steps=np.int64(3), batch_size=np.int32(8), **{k: v for k, v in SMALL.items() if k != "batch_size"})
+    assert config.steps == 3
+    assert isinstance(config.steps, int)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr_start": 1e-4, "lr_end": 1.0}, "lr_end must be <= lr_start"),
+        ({"momentum": "0.9"}, "momentum must be a number in"),
+    ],
+)
+def test_config_rejects_growing_rate_and_text_momentum(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "could not be read"),
+        (b"not a checkpoint at all", "could not be read"),
+    ],
+)
+def test_resume_rejects_corrupt_file(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        Trainer.from_checkpoint(path, progress=False)
+
+
+def test_resume_rejects_truncated_checkpoint(tmp_path):
+    config = TrainConfig(steps=2, **SMALL)
+    path = tmp_path / "run.pt"
+    train(config, checkpoint_path=path, progress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a cdlib checkpoint"):
+        Trainer.from_checkpoint(path, progress=False)
+
+
+def test_resume_rejects_foreign_state_dict(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="missing version, config"):
+        Trainer.from_checkpoint(path, progress=False)
+
+
+def test_resume_rejects_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        Trainer.from_checkpoint(tmp_path / "nope.pt", progress=False)
+
+
+def test_divergence_without_checkpoint_says_so():
+    trainer = Trainer(TrainConfig(steps=5, **SMALL), progress=False)
+    original = trainer.estimator
+
+    def poisoned(model, x, generator):
+        out = original(model, x, generator)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer.estimator = poisoned
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        trainer.run()
