@@ -26,7 +26,7 @@ from .models import EnergyMLP
 
 @dataclass
 class LayerCache:
-    """What the parameter gradient needs from one pass over a batch of n points.
+    """Layer inputs and output gradients of one pass over n points, for the parameter gradient.
 
     ``inputs[l]`` is the input of the l-th linear layer (``x`` itself for the first)
     and ``output_grads[l]`` the gradient of sum_i log p_theta(x_i) with respect to
@@ -40,7 +40,9 @@ class LayerCache:
     def index_copy(self, index: torch.Tensor, rows: "LayerCache") -> "LayerCache":
         """Return a copy whose rows ``index`` are replaced by the rows of ``rows``."""
         return LayerCache(
-            inputs=[a.index_copy(0, index, b) for a, b in zip(self.inputs, rows.inputs)],
+            inputs=[
+                a.index_copy(0, index, b) for a, b in zip(self.inputs, rows.inputs)
+            ],
             output_grads=[
                 g.index_copy(0, index, h)
                 for g, h in zip(self.output_grads, rows.output_grads)
@@ -81,7 +83,9 @@ def linear_layers(model: EnergyMLP) -> list:
     return [model.input, *hidden, model.output]
 
 
-def forward_backward(model: EnergyMLP, x: torch.Tensor, keep_cache: bool = False) -> Pass:
+def forward_backward(
+    model: EnergyMLP, x: torch.Tensor, keep_cache: bool = False
+) -> Pass:
     """Compute log p_theta(x) and grad_x log p_theta(x) without an autograd graph.
 
     The forward pass repeats :meth:`EnergyMLP.forward` operation by operation. The
@@ -104,39 +108,46 @@ def _forward(model: EnergyMLP, x: torch.Tensor, slope: float):
     h = torch.addmm(model.input.bias, x, model.input.weight.t())
     for block in model.blocks:
         residual = h
-        for layer in block:
-            a = nn.functional.leaky_relu(h, slope)
+        for position, layer in enumerate(block):
+            # The block's input is its skip connection, so only later layers may
+            # overwrite their input with the activation.
+            if position == 0:
+                a = nn.functional.leaky_relu(h, slope)
+            else:
+                a = nn.functional.leaky_relu_(h, slope)
             inputs.append(a)
             h = torch.addmm(layer.bias, a, layer.weight.t())
-        h = h + residual
+        h += residual
     a = nn.functional.leaky_relu(h, slope)
     inputs.append(a)
     log_p = torch.addmm(model.output.bias, a, model.output.weight.t()).squeeze(-1)
     return inputs, log_p
 
 
-def _leaky_relu_backward(grad: torch.Tensor, result: torch.Tensor, slope: float):
-    """Return grad * LeakyReLU'(z), reading the sign of z from result = LeakyReLU(z).
+def _leaky_relu_backward_(grad: torch.Tensor, result: torch.Tensor, slope: float):
+    """Multiply ``grad`` in place by LeakyReLU'(z), read from result = LeakyReLU(z).
 
     For a positive slope, z and LeakyReLU(z) have the same sign, so the activation's
     output is all the backward pass needs to keep.
     """
-    return torch.ops.aten.leaky_relu_backward(grad, result, slope, True)
+    return torch.ops.aten.leaky_relu_backward.grad_input(
+        grad, result, slope, True, grad_input=grad
+    )
 
 
 def _backward(model: EnergyMLP, inputs: list, slope: float):
     """Return the score and the gradient at every linear layer's output."""
-    output_weight = model.output.weight.expand(inputs[0].shape[0], -1)
-    g = _leaky_relu_backward(output_weight, inputs[-1], slope)
+    g = model.output.weight.expand(inputs[0].shape[0], -1).clone()
+    g = _leaky_relu_backward_(g, inputs[-1], slope)
     output_grads = [None] * (len(inputs) - 1)
     layer_index = len(inputs) - 2
     for block in reversed(model.blocks):
         residual_grad = g
         for layer in reversed(block):
             output_grads[layer_index] = g
-            g = _leaky_relu_backward(g @ layer.weight, inputs[layer_index], slope)
+            g = _leaky_relu_backward_(g @ layer.weight, inputs[layer_index], slope)
             layer_index -= 1
-        g = g + residual_grad
+        g += residual_grad
     output_grads[0] = g
     score = g @ model.input.weight
     return score, output_grads
@@ -147,13 +158,16 @@ def weighted_log_prob_sum(model: EnergyMLP, value: torch.Tensor, terms: list):
 
     ``terms`` lists pairs ``(c, cache)``: per-point weights of shape (n_t,) and the
     :class:`LayerCache` of the pass at those points. ``value`` must be the sum's
-    value; it is returned unchanged, and backpropagating from it puts
-    sum_t (c_t * G_t)^T A_t into each weight's ``.grad`` (the weights are treated as
-    constants, like detached tensors). The gradient is computed from the caches
+    value, and it is returned unchanged. Backpropagating from it puts
+    sum_t (c_t * G_t)^T A_t into each weight's ``.grad``, with the weights c treated
+    as constants, like detached tensors. The gradient is computed from the caches
     alone, so the parameters must not change between this call and the backward
-    pass, and the result cannot be differentiated twice.
+    pass, and the result cannot be differentiated twice. The backward pass scales
+    the caches' output gradients in place, so the caches are spent afterwards.
     """
-    parameters = [p for layer in linear_layers(model) for p in (layer.weight, layer.bias)]
+    parameters = [
+        p for layer in linear_layers(model) for p in (layer.weight, layer.bias)
+    ]
     return _WeightedLogProbSum.apply(value, terms, *parameters)
 
 
@@ -173,17 +187,23 @@ class _WeightedLogProbSum(torch.autograd.Function):
             )
         scaled = [(c * grad_output, cache) for c, cache in ctx.terms]
         ctx.terms = None
-        return (None, None, *_parameter_grads(scaled))
+        in_place = len({id(cache) for _, cache in scaled}) == len(scaled)
+        return (None, None, *_parameter_grads(scaled, in_place))
 
 
-def _parameter_grads(terms: list) -> list:
-    """Return [dW_0, db_0, dW_1, db_1, ...] for weighted sums of log p_theta."""
+def _parameter_grads(terms: list, in_place: bool) -> list:
+    """Return [dW_0, db_0, dW_1, db_1, ...] for weighted sums of log p_theta.
+
+    With ``in_place`` set, each cache's output gradients are scaled by its weights
+    in place, which spares an allocation per layer; that needs distinct caches.
+    """
     grads = []
     n_hidden = len(terms[0][1].output_grads)
     for index in range(n_hidden):
         weight_grad, bias_grad = None, None
         for c, cache in terms:
-            scaled_grad = cache.output_grads[index] * c.unsqueeze(-1)
+            g = cache.output_grads[index]
+            scaled_grad = g.mul_(c.unsqueeze(-1)) if in_place else g * c.unsqueeze(-1)
             a = cache.inputs[index]
             if weight_grad is None:
                 weight_grad = scaled_grad.t() @ a

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ._validation import check_choice, check_int_at_least, check_positive
 from .classifiers import TimeReversalClassifier
@@ -49,6 +48,16 @@ class EstimatorOutput:
     acceptance: Optional[torch.Tensor] = None
     nonfinite: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """Return log(1 + exp(x)) with the exact gradient sigmoid(x) for every x.
+
+    ``torch.nn.functional.softplus`` returns x itself above its threshold of 20, whose
+    gradient 1 differs from sigmoid(x) by up to 2e-9, enough to break the 1e-10
+    gradient identities.
+    """
+    return torch.logaddexp(torch.zeros_like(x), x)
 
 
 def alpha_from_log_w(log_w: torch.Tensor) -> torch.Tensor:
@@ -97,7 +106,7 @@ class NCE:
         y = self.reference.sample(x.shape[0], generator, dtype=x.dtype, device=x.device)
         logit_data = model(x) - self.reference.log_prob(x)
         logit_ref = model(y) - self.reference.log_prob(y)
-        loss = F.softplus(-logit_data).mean() + F.softplus(logit_ref).mean()
+        loss = softplus(-logit_data).mean() + softplus(logit_ref).mean()
         log_w = (-logit_data).detach()
         return EstimatorOutput(
             loss=loss,
@@ -130,11 +139,11 @@ class CNCE:
         log_w = log_q_ratio + log_p[x.shape[0] :] - log_p[: x.shape[0]]
         log_w_detached = log_w.detach()
         return EstimatorOutput(
-            loss=F.softplus(log_w).mean(),
+            loss=softplus(log_w).mean(),
             alpha=alpha_from_log_w(log_w_detached),
             log_w=log_w_detached,
             x_tilde=x_tilde,
-            game_loss=F.softplus(log_w_detached).mean(),
+            game_loss=softplus(log_w_detached).mean(),
             nonfinite=int((~torch.isfinite(log_w_detached)).sum()),
         )
 
@@ -160,7 +169,7 @@ class ContrastiveDivergence:
         self.weighting = check_choice("weighting", weighting, ("none", "alpha"))
 
     def __call__(self, model, x, generator) -> EstimatorOutput:
-        recorder = _EndpointRecorder(model)
+        recorder = _EndpointRecorder(model, self.k)
         chain = run_chain(self.kernel, recorder, x, self.k, generator)
         alpha = alpha_from_log_w(chain.log_w)
         weight = alpha if self.weighting == "alpha" else None
@@ -173,7 +182,7 @@ class ContrastiveDivergence:
             alpha=alpha,
             log_w=chain.log_w,
             x_tilde=chain.xk,
-            game_loss=F.softplus(chain.log_w).mean(),
+            game_loss=softplus(chain.log_w).mean(),
             acceptance=chain.acceptance,
             nonfinite=chain.nonfinite,
         )
@@ -188,7 +197,7 @@ def time_reversal_loss(model, chain, kernel) -> torch.Tensor:
     """
     if chain.path is None:
         raise ValueError("chain must be run with keep_path=True to score its order")
-    return F.softplus(TimeReversalClassifier(model, kernel).log_w(chain.path)).mean()
+    return softplus(TimeReversalClassifier(model, kernel).log_w(chain.path)).mean()
 
 
 def make_estimator(method: str, step_size: float, k: int, dim: int = 10):
@@ -223,30 +232,35 @@ def _endpoint_loss_from_forward(model, x0, xk, weight):
 
 @dataclass
 class _Evaluation:
-    """One pass through the model at ``x``, kept for the loss.
+    """One pass through the model at ``x``.
 
-    ``log_p`` carries the parameters' autograd graph, or, when ``cache`` is set,
-    is detached and the cache of :mod:`cdlib.backprop` stands in for the graph.
+    With ``kept`` set, the pass kept what the parameter gradient needs: the layer
+    cache of :mod:`cdlib.backprop` in ``cache`` (``log_p`` is then detached), or,
+    for other models, the autograd graph behind ``log_p``.
     """
 
     x: torch.Tensor
     log_p: torch.Tensor
     score: torch.Tensor
+    kept: bool
     cache: Optional[backprop.LayerCache] = None
 
 
 class _EndpointRecorder:
-    """The model as a chain sees it, keeping the passes that the CD loss reuses.
+    """The model as a chain of ``k`` steps sees it, keeping the passes the CD loss reuses.
 
-    ``run_chain`` evaluates log p_theta and its score once per state through
-    :meth:`log_prob_and_score`. The recorder keeps the first of these passes, at
-    x_0, and the latest, so that the loss at x_0 and x_k needs no new forward pass.
-    For an :class:`EnergyMLP` the passes are those of :mod:`cdlib.backprop` with
-    their layer caches; for any other model they keep the autograd graph.
+    ``run_chain`` evaluates log p_theta and its score once per state, k + 1 times,
+    through :meth:`log_prob_and_score`. The recorder keeps the first pass, at x_0,
+    and the (k + 1)-th, at the last proposal, so that the loss at x_0 and x_k needs
+    no new forward pass. Passes in between keep nothing: holding their caches
+    would only cost memory. For an :class:`EnergyMLP` the passes are those of
+    :mod:`cdlib.backprop`; any other model keeps its autograd graph.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, k: int):
         self.model = model
+        self.k = k
+        self.evaluations = 0
         self.first: Optional[_Evaluation] = None
         self.last: Optional[_Evaluation] = None
 
@@ -254,43 +268,47 @@ class _EndpointRecorder:
         return self.model(x)
 
     def log_prob_and_score(self, x: torch.Tensor):
-        evaluation = self._evaluate(x)
+        keep = self.evaluations in (0, self.k)
+        evaluation = self._evaluate(x, keep)
+        self.evaluations += 1
         if self.first is None:
             self.first = evaluation
         self.last = evaluation
         return evaluation.log_p.detach(), evaluation.score
 
-    def _evaluate(self, x: torch.Tensor) -> _Evaluation:
+    def _evaluate(self, x: torch.Tensor, keep: bool) -> _Evaluation:
         if backprop.supports(self.model, x):
-            result = backprop.forward_backward(self.model, x, keep_cache=True)
-            return _Evaluation(x, result.log_p, result.score, result.cache)
+            result = backprop.forward_backward(self.model, x, keep_cache=keep)
+            return _Evaluation(x, result.log_p, result.score, keep, result.cache)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             log_p = self.model(x_in)
-            (score,) = torch.autograd.grad(log_p.sum(), x_in, retain_graph=True)
-        return _Evaluation(x, log_p, score)
+            (score,) = torch.autograd.grad(log_p.sum(), x_in, retain_graph=keep)
+        return _Evaluation(x, log_p if keep else log_p.detach(), score, keep)
 
     def _final(self, xk: torch.Tensor) -> _Evaluation:
-        """Return the pass at ``xk``, evaluating the rows the last pass missed.
+        """Return a kept pass at ``xk``, evaluating the rows the last pass missed.
 
         A chain without rejection ends at its last proposal. After a rejection a
-        row ends at an earlier state, which the recorder no longer holds.
+        row ends at an earlier state, whose pass the recorder did not keep.
         """
         last = self.last
+        if not last.kept:
+            return self._evaluate(xk, keep=True)
         if xk is last.x:
             return last
         same = (xk == last.x) | (xk.isnan() & last.x.isnan())
         missed = (~same.all(-1)).nonzero().squeeze(-1)
         if missed.numel() == 0:
             return last
-        rows = self._evaluate(xk[missed])
+        rows = self._evaluate(xk[missed], keep=True)
         score = last.score.index_copy(0, missed, rows.score)
         if last.cache is None:
             log_p = last.log_p.index_put((missed,), rows.log_p)
-            return _Evaluation(xk, log_p, score)
+            return _Evaluation(xk, log_p, score, kept=True)
         log_p = last.log_p.index_copy(0, missed, rows.log_p)
         cache = last.cache.index_copy(missed, rows.cache)
-        return _Evaluation(xk, log_p, score, cache)
+        return _Evaluation(xk, log_p, score, kept=True, cache=cache)
 
     def endpoint_loss(self, xk: torch.Tensor, weight: Optional[torch.Tensor]):
         """Return mean(weight * (log p(x_k) - log p(x_0))), weight 1 if None."""

@@ -131,7 +131,7 @@ class Langevin:
         self.step_size = check_positive("step_size", step_size)
 
     def proposal_mean(self, state: State) -> torch.Tensor:
-        return state.x + 0.5 * self.step_size**2 * state.score
+        return torch.add(state.x, state.score, alpha=0.5 * self.step_size**2)
 
     def proposal_log_q(self, state_to: State, state_from: State) -> torch.Tensor:
         """Return log N(x_to; x_from + (eps^2 / 2) score(x_from), eps^2 I)."""
@@ -147,11 +147,22 @@ class Langevin:
         x_new = self.proposal_mean(state) + self.step_size * noise
         return evaluate(log_prob_fn, x_new, with_score=True)
 
+    def proposal_log_weight(self, state_from: State, state_to: State) -> torch.Tensor:
+        """Return log w(x, x') of eq. 8 for the Langevin proposal.
+
+        The two Gaussian densities share the std eps, so their normalising
+        constants cancel, leaving
+        (|x' - mean(x)|^2 - |x - mean(x')|^2) / (2 eps^2) + log p(x') - log p(x).
+        """
+        forward = state_to.x - self.proposal_mean(state_from)
+        backward = state_from.x - self.proposal_mean(state_to)
+        squares = forward.square().sum(-1) - backward.square().sum(-1)
+        return squares / (2.0 * self.step_size**2) + (state_to.log_p - state_from.log_p)
+
     def step(self, state: State, log_prob_fn: LogProbFn, generator: torch.Generator):
         new = self.propose(state, log_prob_fn, generator)
-        log_w = log_weight(self, state, new)
-        nonfinite = int((~torch.isfinite(log_w)).sum())
-        return new, StepInfo(log_w=log_w, nonfinite=nonfinite)
+        log_w = self.proposal_log_weight(state, new)
+        return new, StepInfo(log_w=log_w, nonfinite=_count_nonfinite(log_w))
 
 
 class MALA(Langevin):
@@ -176,7 +187,7 @@ class MALA(Langevin):
 
     def step(self, state: State, log_prob_fn: LogProbFn, generator: torch.Generator):
         proposal = self.propose(state, log_prob_fn, generator)
-        log_w_proposal = _log_weight_with(self.proposal_log_q, state, proposal)
+        log_w_proposal = self.proposal_log_weight(state, proposal)
         finite = torch.isfinite(log_w_proposal)
         finite &= torch.isfinite(proposal.score).all(-1)
         log_w_proposal = torch.where(finite, log_w_proposal, -torch.inf)
@@ -197,6 +208,12 @@ class MALA(Langevin):
         )
         info = StepInfo(log_w=log_w, accepted=accepted, nonfinite=int((~finite).sum()))
         return new, info
+
+
+def _count_nonfinite(values: torch.Tensor) -> int:
+    """Return how many entries are NaN or infinite, checking all at once first."""
+    finite = torch.isfinite(values)
+    return 0 if bool(finite.all()) else int((~finite).sum())
 
 
 def log_weight(kernel, state_from: State, state_to: State) -> torch.Tensor:

@@ -212,3 +212,14 @@ def test_estimator_outputs_are_detached(batch):
 def test_make_estimator_rejects_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         make_estimator(*args)
+
+
+def test_softplus_gradient_is_sigmoid_beyond_threshold():
+    from cdlib.estimators import softplus
+
+    x = torch.tensor([-40.0, -21.0, 0.0, 21.0, 25.0, 40.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(softplus(x).sum(), x)
+    expected = torch.sigmoid(x.detach())
+    assert torch.allclose(grad, expected, rtol=1e-14, atol=0)
+    (torch_grad,) = torch.autograd.grad(torch.nn.functional.softplus(x).sum(), x)
+    assert not torch.allclose(torch_grad, expected, rtol=1e-12, atol=0)
