@@ -10,6 +10,10 @@ A chapter can be run at test size: if ``book/_nbval_parameters.yml`` maps the
 chapter's name to ``{parameter: value}``, a code cell that assigns those values
 is inserted right after the chapter's cell tagged ``parameters``, the way
 papermill injects parameters.
+
+The browser tests in ``tests/test_browser.py`` check a built book, so they are
+deselected unless ``--book-html DIR`` names its folder (``scripts/test.sh``
+passes ``book/_build/html`` after the build).
 """
 
 import ast
@@ -152,6 +156,43 @@ class ChapterFile(IPyNbFile):
                 cell=cell,
                 options=options,
             )
+
+
+BROWSER_MARKER = "browser"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--book-html",
+        default=None,
+        metavar="DIR",
+        help="folder of a built book (such as book/_build/html) for the browser "
+        "tests in tests/test_browser.py, which are deselected without it",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        f"{BROWSER_MARKER}: opens the built book in Chromium; needs --book-html",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # The browser tests check a built book, which a plain `pytest` run has not
+    # built yet, so they run only when given one.
+    if config.getoption("--book-html"):
+        return
+    browser_items = [item for item in items if item.get_closest_marker(BROWSER_MARKER)]
+    if browser_items:
+        config.hook.pytest_deselected(items=browser_items)
+        items[:] = [item for item in items if item not in browser_items]
+
+
+def pytest_report_header(config):
+    if not config.getoption("--book-html"):
+        return "browser tests: deselected (give --book-html DIR to run them)"
+    return f"browser tests: book in {config.getoption('--book-html')}"
 
 
 def pytest_collect_file(file_path: Path, parent):

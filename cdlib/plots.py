@@ -20,7 +20,8 @@ OKABE_ITO = (
     "#F0E442",
     "#000000",
 )
-AXIS_NAMES = tuple(f"$x_{{{i + 1}}}$" for i in range(10))
+# Axis labels of the ten data coordinates, in the data's own units.
+AXIS_NAMES = tuple(f"$x_{{{i + 1}}}$ (data units)" for i in range(10))
 
 
 def plot_density(ax, grid: PlaneGrid, log_density: torch.Tensor, title: str = ""):
@@ -68,7 +69,7 @@ def plot_alpha_history(ax, history: dict, label: str = "", color=None, window: i
     ax.plot(steps, median, color=color, label=label or "median")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel(r"$\alpha$ (10%, 50%, 90%)")
+    ax.set_ylabel(r"$\alpha_\theta$ (probability)")
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
 
 
