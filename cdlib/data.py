@@ -96,6 +96,9 @@ class Spiral:
     def log_prob_plane(self, x12: torch.Tensor, n_panels: int = 1024) -> torch.Tensor:
         """Return the exact log-density of the e1-e2 marginal at points (n, 2), float64."""
         check_int_at_least("n_panels", n_panels, 1)
+        if not isinstance(x12, torch.Tensor) or x12.ndim != 2 or x12.shape[1] != 2:
+            shape = tuple(x12.shape) if isinstance(x12, torch.Tensor) else type(x12).__name__
+            raise ValueError(f"x12 must be a tensor of shape (n, 2), got {shape}")
         x12 = x12.to(torch.float64)
         t, log_weight = _gauss_legendre_unit(n_panels, x12.device)
         centres = self.centre(t)
@@ -114,10 +117,9 @@ class Spiral:
 
     def log_prob(self, x: torch.Tensor, n_panels: int = 1024) -> torch.Tensor:
         """Return the exact log-density log p(x) at points (n, dim), float64."""
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(
-                f"x must have shape (n, {self.dim}), got {tuple(x.shape)}"
-            )
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (n, {self.dim}), got {shape}")
         x = x.to(torch.float64)
         rest = x[:, 2:]
         var = self.off_plane_std**2

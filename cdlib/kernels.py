@@ -254,8 +254,15 @@ def run_chain(
     generator: torch.Generator,
     keep_path: bool = False,
 ) -> Chain:
-    """Run ``k`` steps of ``kernel`` from every row of ``x0``."""
+    """Run ``k`` steps of ``kernel`` from every row of ``x0``, shape (n, dim)."""
     check_int_at_least("k", k, 1)
+    if not isinstance(x0, torch.Tensor) or x0.ndim != 2:
+        shape = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"x0 must be a tensor of shape (n, dim), got {shape}")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator, got {type(generator).__name__}"
+        )
     state = evaluate(log_prob_fn, x0, with_score=kernel.needs_score)
     evaluations = 1
     path = [state.x] if keep_path else None

@@ -74,6 +74,8 @@ class DiagonalGaussian(nn.Module):
                 "mean and precision must be vectors of one shape, got "
                 f"{tuple(mean.shape)} and {tuple(precision.shape)}"
             )
+        if not torch.isfinite(mean).all():
+            raise ValueError(f"mean must be finite, got {mean}")
         if not (precision > 0).all() or not torch.isfinite(precision).all():
             raise ValueError(f"precision must be finite and > 0, got {precision}")
         self.dim = mean.shape[0]

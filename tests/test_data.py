@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,13 @@ def test_log_prob_rejects_wrong_dimension():
 def test_sample_rejects_bad_count(generator):
     with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
         Spiral().sample(0, generator)
+
+
+def test_log_prob_plane_rejects_wrong_shape():
+    with pytest.raises(ValueError, match=r"x12 must be a tensor of shape \(n, 2\), got \(4, 3\)"):
+        Spiral().log_prob_plane(torch.zeros(4, 3))
+
+
+def test_log_prob_rejects_numpy_input():
+    with pytest.raises(ValueError, match="x must have shape \\(n, 10\\), got ndarray"):
+        Spiral().log_prob(np.zeros((4, 10)))

@@ -249,3 +249,13 @@ def test_chain_keeps_device_and_dtype(device, dtype):
         assert chain.xk.device.type == device
         assert chain.xk.dtype == dtype
         assert chain.log_w.dtype == dtype
+
+
+def test_run_chain_rejects_one_dimensional_start(generator):
+    with pytest.raises(ValueError, match=r"x0 must be a tensor of shape \(n, dim\), got \(3,\)"):
+        run_chain(MALA(0.1), gaussian_target(), torch.zeros(3, dtype=torch.float64), 2, generator)
+
+
+def test_run_chain_rejects_missing_generator():
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, got NoneType"):
+        run_chain(MALA(0.1), gaussian_target(), torch.zeros(2, 3, dtype=torch.float64), 2, None)

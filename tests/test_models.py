@@ -85,3 +85,8 @@ def test_gaussian_rejects_mismatched_shapes():
 def test_gaussian_log_normalizer_value():
     model = DiagonalGaussian(torch.zeros(1, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
     assert model.log_normalizer().item() == pytest.approx(0.5 * math.log(2 * math.pi), abs=1e-15)
+
+
+def test_gaussian_rejects_nan_mean():
+    with pytest.raises(ValueError, match="mean must be finite"):
+        DiagonalGaussian(torch.tensor([0.0, float("nan")]), torch.ones(2))
