@@ -40,9 +40,17 @@ CHUNK_ENTRIES = 2**22
 TRAIN_METHODS = ("cd", "pcd")
 
 
-def check_binary(name: str, v, n_visible: int) -> torch.Tensor:
-    """Return ``v``, or raise unless it is a float tensor (n, n_visible) of 0 and 1."""
+def check_binary(name: str, v, n_visible: int, dtype=None) -> torch.Tensor:
+    """Return ``v``, or raise unless it is a float tensor (n, n_visible) of 0 and 1.
+
+    With ``dtype`` given, ``v`` must also have that dtype (the model's).
+    """
     check_batch(name, v, n_visible)
+    if dtype is not None and v.dtype != dtype:
+        raise ValueError(
+            f"{name} must have the model's dtype {dtype}, got {v.dtype}; "
+            f"convert it with .to({dtype})"
+        )
     is_binary = (v == 0) | (v == 1)
     if not is_binary.all():
         bad = int((~is_binary).sum())
@@ -114,6 +122,14 @@ class BernoulliRBM(nn.Module):
                 f"{tuple(weight.shape)}"
             )
         n_hidden, n_visible = weight.shape
+        for name, value in (("weight", weight), ("visible_bias", visible_bias), ("hidden_bias", hidden_bias)):
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite floating-point values, got {value.dtype} with non-finite or integer entries")
+        if visible_bias.dtype != weight.dtype or hidden_bias.dtype != weight.dtype:
+            raise ValueError(
+                f"weight, visible_bias and hidden_bias must share one dtype, got "
+                f"{weight.dtype}, {visible_bias.dtype} and {hidden_bias.dtype}"
+            )
         if tuple(visible_bias.shape) != (n_visible,):
             raise ValueError(
                 f"visible_bias must have shape ({n_visible},) to match weight "
@@ -141,7 +157,7 @@ class BernoulliRBM(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """Return log p_theta(v) = -F(v) = b.v + sum_j softplus(c_j + W_j.v)."""
-        check_binary("v", v, self.n_visible)
+        check_binary("v", v, self.n_visible, self.weight.dtype)
         return v @ self.visible_bias + F.softplus(self.hidden_logits(v)).sum(-1)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
@@ -150,8 +166,8 @@ class BernoulliRBM(nn.Module):
 
     def energy(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Return E(v, h) = -b.v - c.h - h.W v for paired rows of v and h."""
-        check_binary("v", v, self.n_visible)
-        check_binary("h", h, self.n_hidden)
+        check_binary("v", v, self.n_visible, self.weight.dtype)
+        check_binary("h", h, self.n_hidden, self.weight.dtype)
         if v.shape[0] != h.shape[0]:
             raise ValueError(
                 f"v and h must have the same number of rows, got {v.shape[0]} and "
@@ -173,7 +189,7 @@ class BernoulliRBM(nn.Module):
 
         The draw is detached from the parameters.
         """
-        check_binary("v", v, self.n_visible)
+        check_binary("v", v, self.n_visible, self.weight.dtype)
         with torch.no_grad():
             h = self.sample_hidden(v, generator)
             return self.sample_visible(h, generator)
@@ -225,7 +241,7 @@ def log_partition(rbm: BernoulliRBM) -> torch.Tensor:
 
 def exact_log_likelihood(rbm: BernoulliRBM, v: torch.Tensor) -> torch.Tensor:
     """Return the mean exact log-likelihood mean(-F(v)) - log Z in nats per image."""
-    check_binary("v", v, rbm.n_visible)
+    check_binary("v", v, rbm.n_visible, rbm.weight.dtype)
     check_enumerable("n_hidden", rbm.n_hidden)
     return rbm(v).mean() - log_partition(rbm)
 
@@ -238,8 +254,8 @@ def log_transition(rbm: BernoulliRBM, v_to: torch.Tensor, v_from: torch.Tensor):
     to hold the kernel fixed.
     """
     check_enumerable("n_hidden", rbm.n_hidden)
-    check_binary("v_to", v_to, rbm.n_visible)
-    check_binary("v_from", v_from, rbm.n_visible)
+    check_binary("v_to", v_to, rbm.n_visible, rbm.weight.dtype)
+    check_binary("v_from", v_from, rbm.n_visible, rbm.weight.dtype)
     if v_to.shape[0] != v_from.shape[0]:
         raise ValueError(
             f"v_to and v_from must have the same number of rows, got {v_to.shape[0]} "
@@ -387,8 +403,8 @@ def train_rbm(
         method, k, epochs, batch_size, learning_rate, rbm.n_hidden
     )
     check_int_at_least("evaluate_every", evaluate_every, 1)
-    check_binary("train_v", train_v, rbm.n_visible)
-    check_binary("test_v", test_v, rbm.n_visible)
+    check_binary("train_v", train_v, rbm.n_visible, rbm.weight.dtype)
+    check_binary("test_v", test_v, rbm.n_visible, rbm.weight.dtype)
 
     optimizer = torch.optim.SGD(rbm.parameters(), lr=learning_rate)
     chains = None

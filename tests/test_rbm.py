@@ -534,3 +534,16 @@ def test_binary_states_lists_every_state():
     assert states.unique(dim=0).shape[0] == 8
     assert states[5].tolist() == [1.0, 0.0, 1.0]
     assert math.isclose(states.sum().item(), 12.0)
+
+
+def test_rbm_rejects_data_of_other_dtype():
+    rbm = BernoulliRBM(4, 3, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="v must have the model's dtype torch.float64, got torch.float32"):
+        rbm(torch.zeros(2, 4, dtype=torch.float32))
+
+
+def test_from_parameters_rejects_nan_weight():
+    weight = torch.zeros(3, 4, dtype=torch.float64)
+    weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight must be finite"):
+        BernoulliRBM.from_parameters(weight, torch.zeros(4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
