@@ -1145,9 +1145,16 @@ def run(argv=None) -> Path:
     if threads < 1:
         parser.error(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must name a torch device such as cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device is {args.device!r} but CUDA is not available")
+    try:
+        (args.output_dir / "benchmark_figures").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output-dir {str(args.output_dir)!r} cannot be created: {error}")
     grid = QUICK if args.quick else FULL
     timer = Timer(device)
 
@@ -1177,7 +1184,7 @@ def run(argv=None) -> Path:
     )
     results = {
         "command": command.strip()
-        + ("" if args.threads is not None else f"  (threads: {threads})"),
+        + ("" if args.threads is not None else f" --threads {threads}"),
         "quick": args.quick,
         "torchebm": torchebm_status,
         "grid": asdict(grid),
