@@ -7,8 +7,8 @@ Parametrisation. For ``t`` in [0, 1] the spiral's centre line in the e1-e2 plane
     phi(t) = 2 * pi * turns * t,
 
 so ``|c(t)| <= 1`` and the curve stays inside [-1, 1] in both axes. A sample draws
-``t ~ Uniform(0, 1)`` (uniform in the parameter, not in arc length), places the point
-``c(t)`` in the first two coordinates and zeros elsewhere, and adds independent
+``t ~ Uniform(0, 1)``, which is uniform in the parameter, not in arc length. It places
+the point ``c(t)`` in the first two coordinates and zeros elsewhere, and adds independent
 Gaussian noise of standard deviation ``plane_std`` along e1 and e2 and
 ``off_plane_std`` along e3..e10. The defaults follow the paper's stated noise levels
 (0.05 and 0.01); the number of turns and the inner radius are our choice, since the

@@ -32,7 +32,7 @@ METHODS = ("nce", "cnce", "cd", "cd_mh", "adjusted_cd")
 
 @dataclass
 class EstimatorOutput:
-    """What one estimator call returns.
+    """The result of one estimator call.
 
     ``loss`` is the scalar to minimise. ``alpha`` is the weight of each data point
     in the update, ``log_w`` the log-weight it comes from (``alpha = sigmoid(log_w)``),
@@ -247,7 +247,7 @@ class _Evaluation:
 
 
 class _EndpointRecorder:
-    """The model as a chain of ``k`` steps sees it, keeping the passes the CD loss reuses.
+    """A wrapper of the model that keeps the chain passes the CD loss reuses.
 
     ``run_chain`` evaluates log p_theta and its score once per state, k + 1 times,
     through :meth:`log_prob_and_score`. The recorder keeps the first pass, at x_0,

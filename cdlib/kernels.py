@@ -232,7 +232,7 @@ class Chain:
     """A batch of chains x^(0) -> ... -> x^(k) and their diagnostics.
 
     ``log_w`` is the log of the chain's weight, the product over steps in the paper's
-    eq. 17. ``path`` holds every state, shape (k + 1, n, dim), when requested.
+    eq. 17. ``path`` contains every state, shape (k + 1, n, dim), when requested.
     ``acceptance`` is the fraction of accepted steps per chain, or None.
     """
 

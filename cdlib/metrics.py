@@ -17,9 +17,9 @@ from ._validation import check_int_at_least, check_positive
 class PlaneGrid:
     """A regular grid on the plane spanned by two coordinate axes of R^dim.
 
-    ``points`` has shape (resolution**2, dim), zero outside ``axes``; ``u`` and ``v``
-    are the grid coordinates along the two axes, and ``cell_area`` is the area of one
-    grid cell.
+    ``points`` has shape (resolution**2, dim) and is zero outside ``axes``. ``u`` and
+    ``v`` are the grid coordinates along the two axes, and ``cell_area`` is the area
+    of one grid cell.
     """
 
     axes: tuple

@@ -96,7 +96,7 @@ def test_chain_evaluates_model_k_plus_one_times(kernel, k, generator):
     assert chain.evaluations == k + 1
 
 
-def test_chain_repeats_with_same_seed_and_spares_global_rng():
+def test_chain_repeats_with_same_seed():
     model = EnergyMLP(width=8, depth=4)
     x0 = torch.zeros(4, 10)
     state = torch.get_rng_state()
