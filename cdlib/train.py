@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -27,6 +28,7 @@ from .estimators import METHODS, make_estimator
 from .models import EnergyMLP
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TrainConfig:
     lr_end: float = 1e-4
     lr_scale: float = 1.0
     momentum: float = 0.9
+    optimizer: str = "sgd"
     n_data: int = 50_000
     seed: int = 0
     device: str = "cpu"
@@ -81,6 +84,7 @@ class TrainConfig:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         if not (0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_int_at_least("n_data", self.n_data, 1)
         check_int_at_least("seed", self.seed, 0)
         check_choice("dtype", self.dtype, tuple(DTYPES))
@@ -154,15 +158,14 @@ class Trainer:
         self.model = model.to(device=self.device, dtype=config.torch_dtype)
         self.estimator = make_estimator(config.method, config.step_size, config.k)
 
-        lr0 = config.lr_start * config.lr_scale
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=lr0, momentum=config.momentum
-        )
+        self.optimizer = _make_optimizer(config, self.model.parameters())
         gamma = (config.lr_end / config.lr_start) ** (1.0 / config.steps)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma)
         self.batch_generator = torch.Generator().manual_seed(data_seed + 1)
         self.mcmc_generator = torch.Generator(self.device).manual_seed(mcmc_seed)
         self.step = 0
+        # Seconds spent in train_step, summed over every process that ran this run.
+        self.elapsed_seconds = 0.0
         self.history = {key: [] for key in HISTORY_KEYS}
 
     def train_step(self) -> None:
@@ -173,20 +176,36 @@ class Trainer:
         )
         x = self.data[index.to(self.device)]
         out = self.estimator(self.model, x, self.mcmc_generator)
-        if not torch.isfinite(out.loss) or not torch.isfinite(out.x_tilde).all():
+        bad_samples = int((~torch.isfinite(out.x_tilde)).any(1).sum())
+        # log_w is built from log p_theta at the states each chain visited, so a
+        # non-finite energy shows up there.
+        bad_energies = int((~torch.isfinite(out.log_w)).sum())
+        if not torch.isfinite(out.loss) or bad_samples or bad_energies:
             raise TrainingDiverged(
                 f"training diverged at step {self.step}: loss={out.loss.item()!r}, "
-                f"non-finite contrastive samples={int((~torch.isfinite(out.x_tilde)).any(1).sum())} "
-                f"(method={config.method!r}, step_size={config.step_size!r}, "
-                f"k={config.k}, seed={config.seed})" + self._checkpoint_note()
+                f"non-finite contrastive samples={bad_samples}, non-finite "
+                f"log-weights={bad_energies} ({self._describe()})" + self._checkpoint_note()
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingDiverged(
+                f"training diverged at step {self.step}: the update made parameters "
+                f"non-finite ({self._describe()})" + self._checkpoint_note()
+            )
         self.scheduler.step()
         self.step += 1
         self._record(out, lr)
+
+    def _describe(self) -> str:
+        config = self.config
+        return (
+            f"method={config.method!r}, step_size={config.step_size!r}, k={config.k}, "
+            f"width={config.width}, steps={config.steps}, lr_scale={config.lr_scale!r}, "
+            f"optimizer={config.optimizer!r}, seed={config.seed}"
+        )
 
     def _checkpoint_note(self) -> str:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
@@ -224,7 +243,9 @@ class Trainer:
         )
         with bar:
             while self.step < self.config.steps:
+                started = time.perf_counter()
                 self.train_step()
+                self.elapsed_seconds += time.perf_counter() - started
                 bar.update(1)
                 if every and self.step % every == 0:
                     bar.set_postfix(alpha=f"{self.history['alpha_median'][-1]:.3g}")
@@ -244,6 +265,7 @@ class Trainer:
             "mcmc_generator": self.mcmc_generator.get_state(),
             "history": self.history,
             "data_fingerprint": self.data_fingerprint,
+            "elapsed_seconds": self.elapsed_seconds,
         }
 
     def save_checkpoint(self, path=None) -> Optional[Path]:
@@ -290,7 +312,15 @@ class Trainer:
         trainer.mcmc_generator.set_state(state["mcmc_generator"])
         trainer.step = state["step"]
         trainer.history = state["history"]
+        trainer.elapsed_seconds = state.get("elapsed_seconds", 0.0)
         return trainer
+
+
+def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    lr0 = config.lr_start * config.lr_scale
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr0, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(parameters, lr=lr0, momentum=config.momentum)
 
 
 def train(config: TrainConfig, data=None, checkpoint_path=None, progress=True) -> Trainer:

@@ -1,0 +1,158 @@
+"""Stored results of spiral runs: writing, reading and summarising them.
+
+Each run owns a folder ``<results>/<preset>/<run name>/`` with two files:
+
+- ``result.json``: the status (``finished`` or ``diverged``), the metrics, the run's
+  :class:`~cdlib.train.TrainConfig`, its seed, the preset, and provenance (cdlib
+  version, git commit, package versions, device, times);
+- ``arrays.npz``: what the figures need (the learned log-density on the e1-e2
+  plane, samples of the model, contrastive samples, the binned alpha history).
+
+``arrays.npz`` is written before ``result.json``, and each file is written to a
+temporary name and renamed, so a folder with a ``result.json`` is complete.
+"""
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .experiments import CONFIGURATIONS
+
+RESULT_FILE = "result.json"
+ARRAYS_FILE = "arrays.npz"
+STATUSES = ("finished", "diverged")
+
+
+@dataclass
+class RunResult:
+    """A stored run: its ``result.json`` as a dict and its arrays."""
+
+    record: dict
+    arrays: dict
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def spec(self) -> dict:
+        return self.record["spec"]
+
+    @property
+    def finished(self) -> bool:
+        return self.record["status"] == "finished"
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+
+def git_commit(repository: Path = Path(__file__).resolve().parent.parent) -> dict:
+    """Return the commit checked out in ``repository`` and whether files differ from it.
+
+    Both values are None when ``repository`` is not a git checkout (an installed
+    copy of cdlib) or git is missing.
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repository), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repository), "status", "--porcelain", "--", "cdlib"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "cdlib_modified": None}
+    return {"commit": commit, "cdlib_modified": bool(status.strip())}
+
+
+def write_run(folder: Path, record: dict, arrays: dict) -> None:
+    """Write one run's arrays, then its record, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / ARRAYS_FILE, lambda handle: np.savez_compressed(handle, **arrays))
+    text = json.dumps(_json_safe(record), indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / RESULT_FILE, lambda handle: handle.write(text.encode()))
+
+
+def read_run(folder: Path) -> RunResult:
+    """Read the run stored in ``folder``; raise ValueError if it is incomplete."""
+    folder = Path(folder)
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        raise ValueError(f"no {RESULT_FILE} in {str(folder)!r}; the run has not finished")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"{str(path)!r} has status {record.get('status')!r}, not one of {STATUSES}")
+    with np.load(folder / ARRAYS_FILE) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    return RunResult(record, arrays)
+
+
+def load_preset_results(results_root: Path, preset: str, names) -> dict:
+    """Return the stored runs ``names`` of ``preset`` by name.
+
+    Raises ValueError listing the missing runs, so that a figure is never drawn
+    from a partial set.
+    """
+    folder = Path(results_root) / preset
+    missing = [name for name in names if not (folder / name / RESULT_FILE).is_file()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(names)} runs of preset {preset!r} have no stored "
+            f"result in {str(folder)!r} (first: {missing[0]}); train them with "
+            f"`python -m cdlib.runner --preset {preset}`"
+        )
+    return {name: read_run(folder / name) for name in names}
+
+
+def summarize(results: list, key: str) -> dict:
+    """Return mean, sample standard deviation and count of a metric over runs.
+
+    Runs that diverged, or whose value is missing or NaN (an untrusted KL), are
+    counted in ``excluded`` rather than averaged.
+    """
+    values, excluded = [], 0
+    for result in results:
+        value = result.metrics.get(key) if result.finished else None
+        if value is None or not math.isfinite(value):
+            excluded += 1
+        else:
+            values.append(value)
+    if not values:
+        return {"mean": math.nan, "std": math.nan, "n": 0, "excluded": excluded}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values), "excluded": excluded}
+
+
+def configuration_label(name: str) -> str:
+    return CONFIGURATIONS[name].label
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _json_safe(value):
+    """Replace NaN and infinities, which JSON lacks, by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value

@@ -1,0 +1,164 @@
+import dataclasses
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cdlib.experiments import PRESETS, all_runs, run_spec
+from cdlib.results import load_preset_results, read_run, summarize
+from cdlib.runner import execute_run, main, run_all
+from cdlib.train import Trainer
+
+SMOKE = PRESETS["smoke"]
+# Long enough that the subprocess below is still training when it is killed.
+LONG = dataclasses.replace(SMOKE, steps=3000, checkpoint_every=25)
+
+TRAIN_SCRIPT = """
+import dataclasses, sys
+from cdlib.experiments import PRESETS, run_spec
+from cdlib.runner import execute_run
+preset = dataclasses.replace(PRESETS["smoke"], steps=3000, checkpoint_every=25)
+execute_run(run_spec("adjusted_cd", preset), preset, sys.argv[1], sys.argv[2])
+"""
+
+
+def run_script(results, work):
+    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(results), str(work)])
+
+
+def checkpoint_step(path):
+    try:
+        return torch.load(path, weights_only=False)["step"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def comparable(record):
+    """The parts of a record that must not depend on interruptions or timing."""
+    keep = ("name", "spec", "config", "seed", "preset", "steps_done", "status", "metrics")
+    return {key: record[key] for key in keep}
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path):
+    spec = run_spec("adjusted_cd", LONG)
+    checkpoint = tmp_path / "work" / "smoke" / spec.name / "checkpoint.pt"
+    process = run_script(tmp_path / "results", tmp_path / "work")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (checkpoint_step(checkpoint) or 0) >= 50:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    killed_at = checkpoint_step(checkpoint)
+    assert killed_at is not None and 50 <= killed_at < LONG.steps
+    assert not (tmp_path / "results" / "smoke" / spec.name / "result.json").exists()
+
+    resumed = run_script(tmp_path / "results", tmp_path / "work")
+    assert resumed.wait(timeout=300) == 0
+    execute_run(spec, LONG, tmp_path / "full_results", tmp_path / "full_work")
+
+    after_kill = read_run(tmp_path / "results" / "smoke" / spec.name)
+    uninterrupted = read_run(tmp_path / "full_results" / "smoke" / spec.name)
+    assert comparable(after_kill.record) == comparable(uninterrupted.record)
+    assert after_kill.arrays.keys() == uninterrupted.arrays.keys()
+    for key, value in uninterrupted.arrays.items():
+        assert np.array_equal(after_kill.arrays[key], value, equal_nan=True), key
+    first = Trainer.from_checkpoint(checkpoint, progress=False).model.state_dict()
+    second = Trainer.from_checkpoint(
+        tmp_path / "full_work" / "smoke" / spec.name / "checkpoint.pt", progress=False
+    ).model.state_dict()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_diverged_run_is_recorded_without_figures(tmp_path):
+    # SGD at a learning rate of 1e6 makes the parameters overflow within a few
+    # updates; the run must stop, keep its checkpoint and be stored as diverged.
+    preset = dataclasses.replace(SMOKE, optimizer="sgd", lr_start=1e6, lr_end=1e6,
+                                 checkpoint_every=1)
+    spec = run_spec("cd", preset, lr_scale=1.0)
+    record = execute_run(spec, preset, tmp_path / "results", tmp_path / "work")
+    assert record["status"] == "diverged"
+    assert record["metrics"] == {}
+    assert f"diverged at step {record['steps_done']}" in record["error"]
+    assert "method='cd'" in record["error"]
+    assert record["steps_done"] < preset.steps
+    stored = read_run(tmp_path / "results" / "smoke" / spec.name)
+    assert not stored.finished
+    assert "log_density_e1e2" not in stored.arrays
+    assert "model_samples" not in stored.arrays
+    checkpoint = tmp_path / "work" / "smoke" / spec.name / "checkpoint.pt"
+    assert checkpoint_step(checkpoint) == record["steps_done"]
+    assert summarize([stored], "kl")["excluded"] == 1
+
+
+def test_finished_run_stores_metrics_and_provenance(tmp_path):
+    spec = run_spec("cd_mh", SMOKE)
+    record = execute_run(spec, SMOKE, tmp_path / "results", tmp_path / "work")
+    assert record["status"] == "finished"
+    metrics = record["metrics"]
+    for key in ("slice_kl_e1-e2", "slice_kl_e1-e3", "final_alpha_median", "acceptance"):
+        assert np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["acceptance"] <= 1.0
+    assert metrics["kl_estimate"]["n_proposal"] == SMOKE.kl_proposal
+    provenance = record["provenance"]
+    assert provenance["cdlib_version"]
+    assert len(provenance["commit"]) == 40
+    assert provenance["packages"]["torch"] == importlib.metadata.version("torch")
+    stored = json.loads(
+        (tmp_path / "results" / "smoke" / spec.name / "result.json").read_text()
+    )
+    assert stored["seed"] == spec.seed
+    assert stored["config"]["method"] == "cd_mh"
+
+
+def test_stored_runs_are_skipped_and_retrain_redoes_them(tmp_path):
+    args = dict(studies=("table",), results_root=tmp_path / "r", work_root=tmp_path / "w")
+    first = run_all("smoke", **args)
+    assert len(first) == len(all_runs(SMOKE, ("table",)))
+    assert run_all("smoke", **args) == []
+    again = run_all("smoke", retrain=True, **args)
+    assert [comparable(r) for r in sorted(again, key=lambda r: r["name"])] == [
+        comparable(r) for r in sorted(first, key=lambda r: r["name"])
+    ]
+    names = [spec.name for spec in all_runs(SMOKE, ("table",))]
+    assert set(load_preset_results(tmp_path / "r", "smoke", names)) == set(names)
+
+
+def test_missing_results_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"1 of 1 runs of preset 'cpu' have no stored result"):
+        load_preset_results(tmp_path, "cpu", ["cd_eps0.0075_lr0.1_steps20000_seed0"])
+
+
+def test_checkpoint_of_other_configuration_is_rejected(tmp_path):
+    spec = run_spec("cd_mh", SMOKE)
+    execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    other = dataclasses.replace(SMOKE, width=4)
+    with pytest.raises(ValueError, match="belongs to another configuration"):
+        execute_run(spec, other, tmp_path / "r2", tmp_path / "w")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "laptop"], "preset must be one of 'smoke', 'cpu', 'paper', got 'laptop'"),
+        (["--preset", "smoke", "--jobs", "0"], "jobs must be an integer >= 1, got 0"),
+        (["--preset", "smoke", "--studies", "figure3"], "study must be one of"),
+        pytest.param(
+            ["--preset", "smoke", "--device", "cuda:7"],
+            "device is 'cuda:7' but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+    ],
+)
+def test_command_line_rejects_bad_input(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--results", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
