@@ -82,22 +82,22 @@ PRESETS = {
     # the paper's scale (narrower network, fewer updates, Adam instead of SGD).
     "cpu": Preset(
         name="cpu",
-        width=64,
+        width=128,
         depth=8,
-        steps=20_000,
+        steps=10_000,
         batch_size=256,
         optimizer="adam",
         lr_start=1e-3,
         lr_end=1e-5,
         seeds=(0, 1, 2),
-        step_counts=(5_000, 10_000, 20_000, 40_000),
-        checkpoint_every=2_000,
+        step_counts=(2_500, 5_000, 10_000, 20_000),
+        checkpoint_every=1_000,
         kl_data=20_000,
-        kl_proposal=100_000,
+        kl_proposal=60_000,
         min_ess=200.0,
         grid_resolution=96,
         model_samples=1000,
-        sampler_steps=2000,
+        sampler_steps=1000,
     ),
     # The paper's appendix D: width 512, 8 layers, 100,000 SGD updates with
     # momentum 0.9 and the rate decaying from 1e-2 to 1e-4. Meant for a GPU.
