@@ -10,15 +10,22 @@ the evaluation. A *study* is the set of runs behind one figure or table:
 - ``sweep``: CNCE, CD, CD with MH and adjusted CD at every step size of
   :data:`SWEEP_STEP_SIZES`, seed 0 (the paper's Figure 6);
 - ``steps``: the same four configurations at their chosen step sizes, trained for
-  each length in the preset's ``step_counts``, seed 0 (the paper's Figure 7).
+  each length in the preset's ``step_counts``, seed 0 (the paper's Figure 7);
+- ``optimizer``: CNCE with the small std, CD with MH and adjusted CD at the
+  preset's scale but with the paper's optimiser (:data:`PAPER_OPTIMIZER`), seed 0,
+  to measure what a preset that changes the optimiser gains.
 
-A run is identified by its :class:`RunSpec`; runs shared by several studies are
-trained once. The learning-rate schedule always spans the whole run, so a run of
+A run is identified by its :class:`RunSpec`, and runs shared by several studies
+are trained once. The learning-rate schedule always spans the whole run, so a run of
 20,000 updates is not the first half of a run of 40,000.
+
+"The paper" is Yair and Michaeli, "Contrastive Divergence Learning is a Time
+Reversal Adversarial Game", ICLR 2021; its appendix D lists the configurations.
 """
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 from ._validation import check_choice
 from .train import TrainConfig
@@ -148,14 +155,21 @@ CONFIGURATIONS = {
 SWEEP_STEP_SIZES = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175)
 # The configurations of the sweep and of the training-length study.
 SWEPT_CONFIGURATIONS = ("cnce_small", "cd", "cd_mh", "adjusted_cd")
-STUDIES = ("table", "sweep", "steps")
+STUDIES = ("table", "sweep", "steps", "optimizer")
+# The paper's optimiser: SGD with momentum 0.9, rate decaying from 1e-2 to 1e-4.
+PAPER_OPTIMIZER = {"optimizer": "sgd", "lr_start": 1e-2, "lr_end": 1e-4}
+OPTIMIZER_CONFIGURATIONS = ("cnce_small", "cd_mh", "adjusted_cd")
 # Langevin steps per chain for the CD configurations, as in the paper.
 CHAIN_LENGTH = 5
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a configuration, possibly at another step size or length."""
+    """One training run: a configuration, possibly at another step size or length.
+
+    ``optimizer`` is None for the preset's optimiser and ``"paper"`` for
+    :data:`PAPER_OPTIMIZER`.
+    """
 
     configuration: str
     method: str
@@ -163,13 +177,15 @@ class RunSpec:
     lr_scale: float
     steps: int
     seed: int
+    optimizer: Optional[str] = None
 
     @property
     def name(self) -> str:
         """A file-system-safe name that differs for every distinct run."""
+        suffix = "" if self.optimizer is None else f"_{self.optimizer}_optimizer"
         return (
             f"{self.method}_eps{self.step_size:g}_lr{self.lr_scale:g}"
-            f"_steps{self.steps}_seed{self.seed}"
+            f"_steps{self.steps}_seed{self.seed}{suffix}"
         )
 
     def to_dict(self) -> dict:
@@ -212,11 +228,13 @@ def study_runs(study: str, preset: Preset) -> list:
             for name in SWEPT_CONFIGURATIONS
             for step_size in SWEEP_STEP_SIZES
         ]
-    return [
-        run_spec(name, preset, steps=steps)
-        for name in SWEPT_CONFIGURATIONS
-        for steps in preset.step_counts
-    ]
+    if study == "steps":
+        return [
+            run_spec(name, preset, steps=steps)
+            for name in SWEPT_CONFIGURATIONS
+            for steps in preset.step_counts
+        ]
+    return [run_spec(name, preset, optimizer="paper") for name in OPTIMIZER_CONFIGURATIONS]
 
 
 def all_runs(preset: Preset, studies=STUDIES) -> list:
@@ -230,7 +248,12 @@ def all_runs(preset: Preset, studies=STUDIES) -> list:
 
 def train_config(spec: RunSpec, preset: Preset, device=None) -> TrainConfig:
     """Return the :class:`TrainConfig` of ``spec`` at the preset's scale."""
+    check_choice("optimizer", spec.optimizer, (None, "paper"))
     cd_method = spec.method not in ("nce", "cnce")
+    optimizer = {"optimizer": preset.optimizer, "lr_start": preset.lr_start,
+                 "lr_end": preset.lr_end}
+    if spec.optimizer == "paper":
+        optimizer = PAPER_OPTIMIZER
     return TrainConfig(
         method=spec.method,
         step_size=spec.step_size,
@@ -239,10 +262,8 @@ def train_config(spec: RunSpec, preset: Preset, device=None) -> TrainConfig:
         steps=spec.steps,
         width=preset.width,
         depth=preset.depth,
-        lr_start=preset.lr_start,
-        lr_end=preset.lr_end,
         lr_scale=spec.lr_scale,
-        optimizer=preset.optimizer,
+        **optimizer,
         seed=spec.seed,
         device=preset.device if device is None else device,
         checkpoint_every=preset.checkpoint_every,

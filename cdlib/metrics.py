@@ -4,6 +4,10 @@ Densities on a plane are evaluated on a regular grid through the origin of the o
 coordinates and normalised over the grid, so the model's unknown log-normaliser
 cancels. The grid's extent and resolution are the approximation: mass outside the
 grid is ignored.
+
+The KL divergence over all dimensions needs the model's log-normaliser, which
+:func:`kl_divergence_is` estimates by importance sampling from a mixture proposal
+around the spiral, with the effective sample size as a check of the estimate.
 """
 
 import dataclasses
@@ -180,10 +184,11 @@ class _WideSpiral:
 def spiral_proposal(spiral) -> MixtureProposal:
     """Return the importance-sampling proposal for the spiral model's log-normaliser.
 
-    Three components: the spiral with its noise scaled by 1.5 (weight 0.6) and by 3
-    (weight 0.3) in every direction, so that a model somewhat wider than the data is
-    covered, and a broad Gaussian with std 0.75 in the plane and 0.1 off it
-    (weight 0.1), a defensive component for mass away from the curve.
+    It has three components. Two are the spiral with its noise scaled by 1.5
+    (weight 0.6) and by 3 (weight 0.3) in every direction, which cover a model
+    somewhat wider than the data. The third is a broad Gaussian with std 0.75 in
+    the plane and 0.1 off it (weight 0.1), which keeps the weights bounded where a
+    model puts mass away from the curve.
     """
     wide = []
     for factor in (1.5, 3.0):
@@ -260,8 +265,8 @@ def kl_divergence_is(
     """Estimate KL(p || p_theta) over all dimensions of the spiral, in nats.
 
     ``proposal`` defaults to :func:`spiral_proposal`. The estimate is biased low
-    when the model puts mass where the proposal has almost none, which the
-    effective sample size does not always reveal; see :class:`KLEstimate`.
+    when the model puts mass where the proposal has almost none. The effective
+    sample size does not always reveal this (see :class:`KLEstimate`).
     """
     check_int_at_least("n_data", n_data, 2)
     check_positive("min_ess", min_ess)

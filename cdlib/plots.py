@@ -79,3 +79,51 @@ def figure_grid(rows: int, cols: int, size: float = 3.0):
         rows, cols, figsize=(size * cols, size * rows), squeeze=False, constrained_layout=True
     )
     return fig, axes
+
+
+def add_colorbar(fig, image, ax, label="density (per unit area)"):
+    """Attach a colour bar with ``label`` to the image drawn on ``ax``."""
+    bar = fig.colorbar(image, ax=ax, shrink=0.85)
+    bar.set_label(label)
+    return bar
+
+
+def plot_stored_density(ax, grid: PlaneGrid, log_density, title: str = ""):
+    """Show a stored grid-normalised log-density, an array of shape ``grid.shape``."""
+    values = torch.as_tensor(np.asarray(log_density), dtype=torch.float64).reshape(-1)
+    image = plot_density(ax, grid, values, title=title)
+    ax.set_aspect("equal")
+    return image
+
+
+def mark_diverged(ax, record: dict, title: str = ""):
+    """Replace a panel by the note that its run diverged, and at which step."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("0.92")
+    ax.text(
+        0.5,
+        0.5,
+        f"diverged\nat step {record['steps_done']}",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color=OKABE_ITO[3],
+        fontsize="large",
+    )
+    ax.set_title(title)
+
+
+def plot_binned_alpha(ax, arrays: dict, label: str, color=None):
+    """Plot a stored run's binned median alpha and its 10-90% band, log scale."""
+    color = color or OKABE_ITO[0]
+    step = arrays["history_step"]
+    ax.fill_between(
+        step, arrays["history_alpha_q10"], arrays["history_alpha_q90"],
+        color=color, alpha=0.2, linewidth=0,
+    )
+    ax.plot(step, arrays["history_alpha_median"], color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(r"$\alpha_\theta$ (probability)")
+    ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)

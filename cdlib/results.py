@@ -156,3 +156,32 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     return value
+
+
+def provenance_summary(results) -> str:
+    """Return one paragraph that says where a set of stored runs came from.
+
+    It lists the distinct values of each provenance field over the runs, so a
+    figure built from runs of two commits or two machines says so.
+    """
+    results = list(results)
+    records = [result.record for result in results]
+
+    def distinct(values):
+        return ", ".join(sorted({str(value) for value in values}))
+
+    provenance = [record["provenance"] for record in records]
+    commits = distinct(
+        (p["commit"] or "unknown")[:10] + (" (cdlib modified)" if p["cdlib_modified"] else "")
+        for p in provenance
+    )
+    dates = sorted(p["finished_at"][:10] for p in provenance)
+    return (
+        f"{len(records)} stored runs of preset {distinct(r['preset']['name'] for r in records)}; "
+        f"seeds {distinct(r['seed'] for r in records)}; "
+        f"cdlib {distinct(p['cdlib_version'] for p in provenance)} at commit {commits}; "
+        f"torch {distinct(p['packages']['torch'] for p in provenance)}; "
+        f"device {distinct(p['device'] for p in provenance)}, "
+        f"{distinct(p['torch_threads'] for p in provenance)} torch thread(s) per run; "
+        f"finished {dates[0]} to {dates[-1]}."
+    )

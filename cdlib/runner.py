@@ -254,8 +254,9 @@ def run_all(
         if study not in STUDIES:
             raise ValueError(f"study must be one of {STUDIES}, got {study!r}")
     results_root, work_root = Path(results_root), Path(work_root)
-    if device is not None:
-        train_config(all_runs(preset, studies)[0], preset, device)
+    # Builds one TrainConfig now, so that a device that is not available (the
+    # paper preset's CUDA on a CPU machine) fails before anything is deleted.
+    train_config(all_runs(preset, studies)[0], preset, device)
     if retrain:
         for root in (results_root, work_root):
             shutil.rmtree(root / preset.name, ignore_errors=True)
@@ -295,6 +296,7 @@ def main(argv=None) -> int:
         prog="python -m cdlib.runner",
         description="Train the spiral experiment's runs and store their results.",
     )
+
     parser.add_argument("--preset", required=True, help="smoke, cpu or paper")
     parser.add_argument(
         "--studies", nargs="+", default=list(STUDIES),
@@ -311,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--retrain", action="store_true",
                         help="delete the preset's results and checkpoints first")
     args = parser.parse_args(argv)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         records = run_all(
@@ -319,6 +322,7 @@ def main(argv=None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+
     diverged = sum(record["status"] == "diverged" for record in records)
     LOG.info("%d runs trained, %d of them diverged", len(records), diverged)
     return 0

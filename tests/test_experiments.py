@@ -54,7 +54,7 @@ def test_sweep_covers_four_methods_and_six_steps(preset):
     assert {r.lr_scale for r in runs if r.method == "cd"} == {0.1}
 
 
-def test_run_names_are_unique_and_shared_runs_train_once():
+def test_run_names_unique_across_studies():
     preset = PRESETS["cpu"]
     runs = all_runs(preset)
     names = [r.name for r in runs]
@@ -75,6 +75,15 @@ def test_schedule_spans_each_run():
     assert (short.lr_start, short.lr_end) == (long.lr_start, long.lr_end)
 
 
+def test_optimizer_study_uses_paper_sgd():
+    preset = PRESETS["cpu"]
+    runs = study_runs("optimizer", preset)
+    assert all(spec.name.endswith("_paper_optimizer") for spec in runs)
+    config = train_config(runs[0], preset)
+    assert (config.optimizer, config.lr_start, config.lr_end) == ("sgd", 1e-2, 1e-4)
+    assert (config.width, config.steps) == (preset.width, preset.steps)
+
+
 def test_cnce_runs_use_one_step_chains():
     preset = PRESETS["smoke"]
     assert train_config(run_spec("cnce_large", preset), preset).k == 1
@@ -85,7 +94,7 @@ def test_cnce_runs_use_one_step_chains():
     [
         (lambda: get_preset("gpu"), "preset must be one of 'smoke', 'cpu', 'paper', got 'gpu'"),
         (lambda: study_runs("figure", PRESETS["smoke"]),
-         "study must be one of 'table', 'sweep', 'steps', got 'figure'"),
+         "study must be one of 'table', 'sweep', 'steps', 'optimizer', got 'figure'"),
         (lambda: run_spec("pcd", PRESETS["smoke"]), "configuration must be one of"),
     ],
 )

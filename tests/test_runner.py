@@ -150,6 +150,11 @@ def test_checkpoint_of_other_configuration_is_rejected(tmp_path):
         (["--preset", "smoke", "--jobs", "0"], "jobs must be an integer >= 1, got 0"),
         (["--preset", "smoke", "--studies", "figure3"], "study must be one of"),
         pytest.param(
+            ["--preset", "paper"],
+            "device is 'cuda' but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+        pytest.param(
             ["--preset", "smoke", "--device", "cuda:7"],
             "device is 'cuda:7' but CUDA is not available",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
