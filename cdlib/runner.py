@@ -178,12 +178,17 @@ def _model_samples(model, preset, seed: int) -> dict:
     }
 
 
-def provenance(trainer, preset) -> dict:
+def provenance(trainer, commit: dict) -> dict:
+    """Return the facts that tie a run's result to its code and machine.
+
+    ``commit`` is :func:`~cdlib.results.git_commit` as read when the training
+    command started, because the checkout may change while the command runs.
+    """
     device = torch.device(trainer.config.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "cdlib_version": __version__,
-        **git_commit(),
+        **commit,
         "packages": package_versions(("torch", "numpy")),
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
@@ -193,8 +198,14 @@ def provenance(trainer, preset) -> dict:
     }
 
 
-def execute_run(spec, preset, results_root: Path, work_root: Path, device=None) -> dict:
-    """Train (or resume), evaluate and store one run; return its record."""
+def execute_run(
+    spec, preset, results_root: Path, work_root: Path, device=None, commit=None
+) -> dict:
+    """Train (or resume), evaluate and store one run; return its record.
+
+    ``commit`` defaults to the git commit checked out when this function starts.
+    """
+    commit = git_commit() if commit is None else commit
     started = time.perf_counter()
     trainer, error = train_run(spec, preset, work_root, device)
     record = {
@@ -205,7 +216,7 @@ def execute_run(spec, preset, results_root: Path, work_root: Path, device=None) 
         "preset": preset.to_dict(),
         "steps_done": trainer.step,
         "train_seconds": trainer.elapsed_seconds,
-        "provenance": provenance(trainer, preset),
+        "provenance": provenance(trainer, commit),
     }
     if error is None:
         metrics, arrays = evaluate_run(trainer, preset)
@@ -219,10 +230,10 @@ def execute_run(spec, preset, results_root: Path, work_root: Path, device=None) 
     return record
 
 
-def _worker(spec, preset, results_root, work_root, device, threads):
+def _worker(spec, preset, results_root, work_root, device, threads, commit):
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return execute_run(spec, preset, results_root, work_root, device)
+    return execute_run(spec, preset, results_root, work_root, device, commit)
 
 
 def pending_runs(runs, preset, results_root: Path) -> list:
@@ -260,16 +271,20 @@ def run_all(
     if retrain:
         for root in (results_root, work_root):
             shutil.rmtree(root / preset.name, ignore_errors=True)
+    commit = git_commit()
     todo = pending_runs(all_runs(preset, studies), preset, results_root)
     LOG.info("preset %s: %d runs to train, %d jobs", preset.name, len(todo), jobs)
     if jobs == 1:
         torch.set_num_threads(threads)
-        return [_log_done(execute_run(s, preset, results_root, work_root, device)) for s in todo]
+        return [
+            _log_done(execute_run(spec, preset, results_root, work_root, device, commit))
+            for spec in todo
+        ]
     context = multiprocessing.get_context("spawn")
     records = []
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         futures = [
-            pool.submit(_worker, spec, preset, results_root, work_root, device, threads)
+            pool.submit(_worker, spec, preset, results_root, work_root, device, threads, commit)
             for spec in todo
         ]
         for future in concurrent.futures.as_completed(futures):
