@@ -14,7 +14,9 @@ uninterrupted run would.
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
+import fcntl
 import logging
 import math
 import multiprocessing
@@ -206,8 +208,29 @@ def execute_run(
     ``commit`` defaults to the git commit checked out when this function starts.
     """
     commit = git_commit() if commit is None else commit
+    with _exclusive(Path(work_root) / preset.name / spec.name):
+        trainer, error = train_run(spec, preset, work_root, device)
+        record = _finish_run(spec, preset, results_root, trainer, error, commit)
+    return record
+
+
+@contextlib.contextmanager
+def _exclusive(run_folder: Path):
+    """Hold an exclusive lock on a run's folder, so two commands cannot train it at once."""
+    run_folder.mkdir(parents=True, exist_ok=True)
+    with open(run_folder / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"run folder {str(run_folder)!r} is locked by another process that is "
+                "training this run; wait for it or stop it first"
+            ) from None
+        yield
+
+
+def _finish_run(spec, preset, results_root, trainer, error, commit) -> dict:
     started = time.perf_counter()
-    trainer, error = train_run(spec, preset, work_root, device)
     record = {
         "name": spec.name,
         "spec": spec.to_dict(),
@@ -225,7 +248,7 @@ def execute_run(
         # No metric or figure is computed from a model whose update failed.
         arrays = _binned_history(trainer.history)
         record.update(status="diverged", metrics={}, error=str(error))
-    record["evaluation_seconds"] = time.perf_counter() - started - trainer.elapsed_seconds
+    record["evaluation_seconds"] = time.perf_counter() - started
     write_run(Path(results_root) / preset.name / spec.name, record, arrays)
     return record
 
@@ -337,6 +360,9 @@ def main(argv=None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except RuntimeError as error:
+        LOG.error("%s", error)
+        return 1
 
     diverged = sum(record["status"] == "diverged" for record in records)
     LOG.info("%d runs trained, %d of them diverged", len(records), diverged)

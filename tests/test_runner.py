@@ -11,7 +11,7 @@ import torch
 
 from cdlib.experiments import PRESETS, all_runs, run_spec
 from cdlib.results import load_preset_results, read_run, summarize
-from cdlib.runner import execute_run, main, run_all
+from cdlib.runner import _exclusive, execute_run, main, run_all
 from cdlib.train import Trainer
 
 SMOKE = PRESETS["smoke"]
@@ -128,6 +128,15 @@ def test_stored_runs_are_skipped_and_retrain_redoes_them(tmp_path):
     ]
     names = [spec.name for spec in all_runs(SMOKE, ("table",))]
     assert set(load_preset_results(tmp_path / "r", "smoke", names)) == set(names)
+
+
+def test_locked_run_is_not_trained_twice(tmp_path):
+    spec = run_spec("cnce_small", SMOKE)
+    with _exclusive(tmp_path / "w" / "smoke" / spec.name):
+        with pytest.raises(RuntimeError, match="locked by another process"):
+            execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    assert not (tmp_path / "w" / "smoke" / spec.name / "checkpoint.pt").exists()
+    assert execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")["status"] == "finished"
 
 
 def test_missing_results_are_named(tmp_path):
