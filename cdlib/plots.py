@@ -127,3 +127,24 @@ def plot_binned_alpha(ax, arrays: dict, label: str, color=None):
     ax.set_xlabel("training step")
     ax.set_ylabel(r"$\alpha_\theta$ (probability)")
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
+
+
+def kl_label(result) -> str:
+    """Return a panel title with a stored run's 10-D KL, or why it has none."""
+    if not result.finished:
+        return "diverged"
+    kl = result.metrics["kl"]
+    if kl is None:
+        return f"ESS {result.metrics['kl_estimate']['ess']:.0f}: no KL"
+    return f"KL {kl:.2f} ± {result.metrics['kl_standard_error']:.2f}"
+
+
+def plot_run_density(ax, grid: PlaneGrid, result, title: str = ""):
+    """Draw a stored run's learned e1-e2 density, or mark the run as diverged.
+
+    Returns the image, or None for a diverged run, which has no density to draw.
+    """
+    if not result.finished:
+        mark_diverged(ax, result.record, title)
+        return None
+    return plot_stored_density(ax, grid, result.arrays["log_density_e1e2"], title)
