@@ -80,7 +80,9 @@ PRESETS = {
         checkpoint_every=10,
         kl_data=500,
         kl_proposal=2000,
-        min_ess=20.0,
+        # Accepts every KL estimate, so that the smoke run exercises every branch
+        # of the chapter; the smoke preset's numbers mean nothing.
+        min_ess=1.0,
         grid_resolution=24,
         model_samples=100,
         sampler_steps=10,

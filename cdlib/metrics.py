@@ -203,6 +203,14 @@ def spiral_proposal(spiral) -> MixtureProposal:
     return MixtureProposal([*wide, DiagonalNormal(broad_std)], [0.6, 0.3, 0.1])
 
 
+# A KL estimate this many standard errors below zero is rejected as biased.
+NEGATIVE_KL_ERRORS = 3.0
+
+
+class NonFiniteLogDensity(ValueError):
+    """Raised when a model's log-density is NaN or infinite where it is evaluated."""
+
+
 @dataclass(frozen=True)
 class KLEstimate:
     """A Monte Carlo estimate of KL(p || p_theta) in nats, with its diagnostics.
@@ -212,8 +220,10 @@ class KLEstimate:
     from ``n_proposal`` proposal draws. ``ess`` is the effective sample size
     (sum w)^2 / sum w^2 of the importance weights. ``standard_error`` combines the
     data term's standard error with the delta-method error of ``log_z``,
-    sqrt(1/ess - 1/n_proposal). ``trusted`` is False when ``ess < min_ess``; such an
-    estimate must not be reported as a KL value.
+    sqrt(1/ess - 1/n_proposal). ``trusted`` is False when ``ess < min_ess``, or when
+    ``kl`` lies more than :data:`NEGATIVE_KL_ERRORS` standard errors below 0, which
+    a KL cannot and which shows that the proposal missed part of the model's mass.
+    An untrusted estimate must not be reported as a KL value.
     """
 
     kl: float
@@ -227,7 +237,9 @@ class KLEstimate:
 
     @property
     def trusted(self) -> bool:
-        return bool(self.ess >= self.min_ess)
+        enough_draws = self.ess >= self.min_ess
+        plausible = self.kl >= -NEGATIVE_KL_ERRORS * self.standard_error
+        return bool(enough_draws and plausible)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -245,8 +257,10 @@ def log_normalizer_is(model, proposal, n: int, generator: torch.Generator):
     log_w = model_log_density(model, y) - proposal.log_prob(y)
     if not torch.isfinite(log_w).all():
         bad = int((~torch.isfinite(log_w)).sum())
-        raise ValueError(f"{bad} importance log-weights are not finite; the model's "
-                         "log-density overflows on the proposal's draws")
+        raise NonFiniteLogDensity(
+            f"{bad} of {n} importance log-weights are NaN or infinite, because the "
+            "model's log-density is not finite at those proposal draws"
+        )
     log_z = torch.logsumexp(log_w, 0) - math.log(n)
     ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
     se = math.sqrt(max(1.0 / ess - 1.0 / n, 0.0))
@@ -269,10 +283,21 @@ def kl_divergence_is(
     sample size does not always reveal this (see :class:`KLEstimate`).
     """
     check_int_at_least("n_data", n_data, 2)
+    check_int_at_least("n_proposal", n_proposal, 2)
     check_positive("min_ess", min_ess)
+    if min_ess > n_proposal:
+        raise ValueError(
+            f"min_ess must be <= n_proposal, because the ESS cannot exceed the number "
+            f"of draws; got min_ess={min_ess!r} and n_proposal={n_proposal!r}"
+        )
     proposal = spiral_proposal(spiral) if proposal is None else proposal
     x = spiral.sample(n_data, generator, dtype=torch.float64)
     difference = spiral.log_prob(x) - model_log_density(model, x)
+    if not torch.isfinite(difference).all():
+        bad = int((~torch.isfinite(difference)).sum())
+        raise NonFiniteLogDensity(
+            f"the model's log-density is NaN or infinite at {bad} of {n_data} data draws"
+        )
     data_term = float(difference.mean())
     data_se = float(difference.std()) / math.sqrt(n_data)
     log_z, log_z_se, ess = log_normalizer_is(model, proposal, n_proposal, generator)

@@ -17,12 +17,13 @@ import math
 import os
 import subprocess
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .experiments import CONFIGURATIONS
+from .experiments import CONFIGURATIONS, train_config
 
 RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.npz"
@@ -83,34 +84,79 @@ def write_run(folder: Path, record: dict, arrays: dict) -> None:
 
 
 def read_run(folder: Path) -> RunResult:
-    """Read the run stored in ``folder``; raise ValueError if it is incomplete."""
+    """Read the run stored in ``folder``; raise ValueError if it is missing or unreadable."""
     folder = Path(folder)
     path = folder / RESULT_FILE
     if not path.is_file():
         raise ValueError(f"no {RESULT_FILE} in {str(folder)!r}; the run has not finished")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("status") not in STATUSES:
-        raise ValueError(f"{str(path)!r} has status {record.get('status')!r}, not one of {STATUSES}")
-    with np.load(folder / ARRAYS_FILE) as stored:
-        arrays = {key: stored[key] for key in stored.files}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        with np.load(folder / ARRAYS_FILE) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"stored run {str(folder)!r} cannot be read ({type(error).__name__}: {error}); "
+            "delete the folder and train the run again"
+        ) from error
+    if not isinstance(record, dict) or record.get("status") not in STATUSES:
+        raise ValueError(
+            f"{str(path)!r} is not a run record with a status in {STATUSES}; "
+            "delete the folder and train the run again"
+        )
     return RunResult(record, arrays)
 
 
-def load_preset_results(results_root: Path, preset: str, names) -> dict:
-    """Return the stored runs ``names`` of ``preset`` by name.
+def config_differences(record: dict, spec, preset) -> list:
+    """Return the settings in which a stored run differs from ``spec`` at ``preset``.
 
-    Raises ValueError listing the missing runs, so that a figure is never drawn
-    from a partial set.
+    These are the fields of its :class:`~cdlib.train.TrainConfig` and of the
+    preset, which also sets the evaluation. The device is left out, because the
+    same configuration may run on a CPU or a GPU.
     """
-    folder = Path(results_root) / preset
-    missing = [name for name in names if not (folder / name / RESULT_FILE).is_file()]
+    expected = train_config(spec, preset, device="cpu").to_dict()
+    stored = record.get("config", {})
+    differences = [
+        key for key in expected if key != "device" and stored.get(key) != expected[key]
+    ]
+    # The preset also sets the evaluation; JSON stores its tuples as lists.
+    expected_preset = json.loads(json.dumps(preset.to_dict()))
+    stored_preset = record.get("preset", {})
+    differences += [
+        f"preset {key}"
+        for key in expected_preset
+        if key != "device" and stored_preset.get(key) != expected_preset[key]
+    ]
+    return sorted(differences)
+
+
+def load_preset_results(results_root: Path, preset, specs) -> dict:
+    """Return the stored runs ``specs`` of ``preset`` (a :class:`Preset`) by name.
+
+    Raises ValueError when a run is missing, unreadable, or was trained with a
+    configuration other than the preset's, so that a figure is never drawn from a
+    partial or stale set.
+    """
+    folder = Path(results_root) / preset.name
+    missing = [spec.name for spec in specs if not (folder / spec.name / RESULT_FILE).is_file()]
     if missing:
         raise ValueError(
-            f"{len(missing)} of {len(names)} runs of preset {preset!r} have no stored "
+            f"{len(missing)} of {len(specs)} runs of preset {preset.name!r} have no stored "
             f"result in {str(folder)!r} (first: {missing[0]}); train them with "
-            f"`python -m cdlib.runner --preset {preset}`"
+            f"`python -m cdlib.runner --preset {preset.name} --results {results_root}`"
         )
-    return {name: read_run(folder / name) for name in names}
+    results = {}
+    for spec in specs:
+        result = read_run(folder / spec.name)
+        differences = config_differences(result.record, spec, preset)
+        if differences:
+            raise ValueError(
+                f"stored run {str(folder / spec.name)!r} was trained with another "
+                f"{', '.join(differences)} than preset {preset.name!r} sets; train it "
+                f"again with `python -m cdlib.runner --preset {preset.name} "
+                f"--results {results_root} --retrain`"
+            )
+        results[spec.name] = result
+    return results
 
 
 def summarize(results: list, key: str) -> dict:
@@ -141,6 +187,8 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
+        # mkstemp creates the file readable by its owner only; results are shared.
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

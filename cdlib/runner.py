@@ -15,13 +15,17 @@ uninterrupted run would.
 import argparse
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import fcntl
 import logging
 import math
 import multiprocessing
 import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from .data import Spiral
 from .experiments import STUDIES, all_runs, get_preset, train_config
 from .kernels import MALA, run_chain
 from .metrics import (
+    NonFiniteLogDensity,
     kl_divergence_is,
     model_log_density,
     normalize_on_grid,
@@ -41,7 +46,7 @@ from .metrics import (
     slice_kl,
 )
 from .provenance import cpu_model, package_versions
-from .results import RESULT_FILE, git_commit, read_run, write_run
+from .results import RESULT_FILE, config_differences, git_commit, read_run, write_run
 from .train import Trainer, TrainingDiverged, _spawn_seeds
 
 LOG = logging.getLogger("cdlib.runner")
@@ -70,7 +75,13 @@ def train_run(spec, preset, work_root: Path, device=None, progress=False):
     config = train_config(spec, preset, device)
     checkpoint = Path(work_root) / preset.name / spec.name / "checkpoint.pt"
     if checkpoint.exists():
-        trainer = Trainer.from_checkpoint(checkpoint, progress=progress)
+        try:
+            trainer = Trainer.from_checkpoint(checkpoint, progress=progress)
+        except ValueError as error:
+            raise ValueError(
+                f"run {spec.name}: {error}. Delete {str(checkpoint)!r} to train the run "
+                "from scratch, or rerun with --retrain"
+            ) from error
         if trainer.config != config:
             raise ValueError(
                 f"checkpoint {str(checkpoint)!r} belongs to another configuration "
@@ -205,10 +216,21 @@ def execute_run(
 ) -> dict:
     """Train (or resume), evaluate and store one run; return its record.
 
+    Returns None, doing nothing, when a current result of the run is already stored.
     ``commit`` defaults to the git commit checked out when this function starts.
     """
     commit = git_commit() if commit is None else commit
-    with _exclusive(Path(work_root) / preset.name / spec.name):
+    work_folder = Path(work_root) / preset.name / spec.name
+    results_folder = Path(results_root) / preset.name / spec.name
+    with _exclusive(work_folder):
+        # Another command may have finished this run while this one waited.
+        if stored_result_is_current(results_folder, spec, preset):
+            LOG.info("%s: already stored by another command; skipped", spec.name)
+            return None
+        # Left behind by a process killed while writing; the lock makes them stale.
+        for folder in (work_folder, results_folder):
+            for leftover in folder.glob("*.tmp"):
+                leftover.unlink()
         trainer, error = train_run(spec, preset, work_root, device)
         record = _finish_run(spec, preset, results_root, trainer, error, commit)
     return record
@@ -242,7 +264,14 @@ def _finish_run(spec, preset, results_root, trainer, error, commit) -> dict:
         "provenance": provenance(trainer, commit),
     }
     if error is None:
-        metrics, arrays = evaluate_run(trainer, preset)
+        try:
+            metrics, arrays = evaluate_run(trainer, preset)
+        except NonFiniteLogDensity as failure:
+            error = TrainingDiverged(
+                f"evaluation after step {trainer.step} failed: {failure} "
+                f"({trainer.describe()})"
+            )
+    if error is None:
         record.update(status="finished", metrics=metrics, error=None)
     else:
         # No metric or figure is computed from a model whose update failed.
@@ -259,11 +288,75 @@ def _worker(spec, preset, results_root, work_root, device, threads, commit):
     return execute_run(spec, preset, results_root, work_root, device, commit)
 
 
+def stored_result_is_current(folder: Path, spec, preset) -> bool:
+    """Return True if ``folder`` holds a readable result of ``spec`` at ``preset``.
+
+    An unreadable result counts as missing, so the run is trained again and the
+    result rewritten. A readable result of another configuration raises, because
+    replacing it silently would mix two versions of a preset.
+    """
+    if not (folder / RESULT_FILE).is_file():
+        return False
+    try:
+        result = read_run(folder)
+    except ValueError as error:
+        LOG.warning("%s; training the run again", error)
+        return False
+    differences = config_differences(result.record, spec, preset)
+    if differences:
+        raise ValueError(
+            f"stored run {str(folder)!r} was trained with another {', '.join(differences)} "
+            f"than preset {preset.name!r} sets; rerun with --retrain to replace it"
+        )
+    return True
+
+
 def pending_runs(runs, preset, results_root: Path) -> list:
-    """Return the runs without a stored result, longest first."""
+    """Return the runs without a current stored result, longest first."""
     folder = Path(results_root) / preset.name
-    todo = [spec for spec in runs if not (folder / spec.name / RESULT_FILE).is_file()]
+    todo = [
+        spec for spec in runs
+        if not stored_result_is_current(folder / spec.name, spec, preset)
+    ]
     return sorted(todo, key=lambda spec: -spec.steps)
+
+
+def prepare(
+    preset_name: str, studies, results_root, work_root, jobs: int, threads: int, device
+):
+    """Check every argument of :func:`run_all`; return the preset and its runs.
+
+    Everything that can be checked before training is checked here, so that a bad
+    argument fails before any result is deleted or any run trained.
+    """
+    preset = get_preset(preset_name)
+    check_int_at_least("jobs", jobs, 1)
+    check_int_at_least("threads", threads, 1)
+    studies = list(studies)
+    if not studies:
+        raise ValueError(f"studies must name at least one of {STUDIES}, got none")
+    for study in studies:
+        if study not in STUDIES:
+            raise ValueError(f"study must be one of {STUDIES}, got {study!r}")
+    runs = all_runs(preset, studies)
+    # One TrainConfig is built now, so that a device that is missing (the paper
+    # preset's CUDA on a CPU machine) fails before anything else happens.
+    train_config(runs[0], preset, device)
+    for option, root in (("--results", results_root), ("--work", work_root)):
+        _check_writable(option, Path(root) / preset.name)
+    return preset, runs
+
+
+def _check_writable(option: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{option} folder {str(folder)!r} cannot be created or written "
+            f"({error.strerror or error}); choose a writable folder"
+        ) from error
 
 
 def run_all(
@@ -278,41 +371,54 @@ def run_all(
 ) -> list:
     """Train every run of ``studies`` that has no stored result; return the records.
 
-    ``retrain`` first deletes the preset's stored results and checkpoints. ``jobs``
-    runs train in parallel processes, each with ``threads`` torch threads.
+    ``retrain`` first deletes the stored results and checkpoints of these runs
+    (and only these). ``jobs`` runs train in parallel processes, each with
+    ``threads`` torch threads. Runs skipped because another command stored them
+    meanwhile have no record in the list.
     """
-    preset = get_preset(preset_name)
-    check_int_at_least("jobs", jobs, 1)
-    check_int_at_least("threads", threads, 1)
-    for study in studies:
-        if study not in STUDIES:
-            raise ValueError(f"study must be one of {STUDIES}, got {study!r}")
     results_root, work_root = Path(results_root), Path(work_root)
-    # Builds one TrainConfig now, so that a device that is not available (the
-    # paper preset's CUDA on a CPU machine) fails before anything is deleted.
-    train_config(all_runs(preset, studies)[0], preset, device)
+    preset, runs = prepare(preset_name, studies, results_root, work_root, jobs, threads, device)
     if retrain:
-        for root in (results_root, work_root):
-            shutil.rmtree(root / preset.name, ignore_errors=True)
+        for spec in runs:
+            for root in (results_root, work_root):
+                shutil.rmtree(root / preset.name / spec.name, ignore_errors=True)
     commit = git_commit()
-    todo = pending_runs(all_runs(preset, studies), preset, results_root)
+    todo = pending_runs(runs, preset, results_root)
     LOG.info("preset %s: %d runs to train, %d jobs", preset.name, len(todo), jobs)
     if jobs == 1:
         torch.set_num_threads(threads)
-        return [
-            _log_done(execute_run(spec, preset, results_root, work_root, device, commit))
+        records = [
+            execute_run(spec, preset, results_root, work_root, device, commit)
             for spec in todo
         ]
+        return [_log_done(record) for record in records if record is not None]
     context = multiprocessing.get_context("spawn")
     records = []
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_end_with_parent
+    ) as pool:
         futures = [
             pool.submit(_worker, spec, preset, results_root, work_root, device, threads, commit)
             for spec in todo
         ]
         for future in concurrent.futures.as_completed(futures):
-            records.append(_log_done(future.result()))
+            record = future.result()
+            if record is not None:
+                records.append(_log_done(record))
     return records
+
+
+def _end_with_parent() -> None:
+    """Make this worker receive SIGTERM when the command that started it dies (Linux).
+
+    Without it, workers of a command killed with SIGKILL would go on training and
+    keep their runs locked. A worker stopped this way leaves its last checkpoint.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _log_done(record: dict) -> dict:
@@ -354,14 +460,17 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
+        prepare(args.preset, args.studies, args.results, args.work,
+                args.jobs, args.threads, args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         records = run_all(
             args.preset, args.studies, args.results, args.work,
             args.jobs, args.threads, args.retrain, args.device,
         )
-    except ValueError as error:
-        parser.error(str(error))
-    except RuntimeError as error:
-        LOG.error("%s", error)
+    except (RuntimeError, ValueError) as error:
+        LOG.error("stopped: %s", error)
         return 1
 
     diverged = sum(record["status"] == "diverged" for record in records)

@@ -93,8 +93,17 @@ class TrainConfig:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"device must name a torch device, got {self.device!r}") from error
+        if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+            raise ValueError(
+                f"device must be 'cpu' or a CUDA device ('cuda', 'cuda:N'), got {self.device!r}"
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {self.device!r} but CUDA is not available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device is {self.device!r} but only {torch.cuda.device_count()} CUDA "
+                "devices are visible"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -184,7 +193,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"training diverged at step {self.step}: loss={out.loss.item()!r}, "
                 f"non-finite contrastive samples={bad_samples}, non-finite "
-                f"log-weights={bad_energies} ({self._describe()})" + self._checkpoint_note()
+                f"log-weights={bad_energies} ({self.describe()})" + self._checkpoint_note()
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -193,13 +202,14 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged(
                 f"training diverged at step {self.step}: the update made parameters "
-                f"non-finite ({self._describe()})" + self._checkpoint_note()
+                f"non-finite ({self.describe()})" + self._checkpoint_note()
             )
         self.scheduler.step()
         self.step += 1
         self._record(out, lr)
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
+        """Return the run's main settings, for error messages."""
         config = self.config
         return (
             f"method={config.method!r}, step_size={config.step_size!r}, k={config.k}, "

@@ -6,6 +6,8 @@ import torch
 from cdlib.data import Spiral
 from cdlib.metrics import (
     DiagonalNormal,
+    KLEstimate,
+    NonFiniteLogDensity,
     MixtureProposal,
     kl_divergence_is,
     log_normalizer_is,
@@ -120,8 +122,29 @@ def test_diagonal_normal_rejects_bad_std():
         DiagonalNormal(torch.tensor([1.0, -1.0]))
 
 
+def test_kl_far_below_zero_is_untrusted():
+    # Mass the proposal never reaches makes log Z, and so the KL, too low.
+    kwargs = dict(log_z=0.0, log_z_standard_error=0.01, ess=5000.0, n_data=100,
+                  n_proposal=10_000, min_ess=200.0)
+    assert KLEstimate(kl=-0.02, standard_error=0.01, **kwargs).trusted
+    assert not KLEstimate(kl=-0.05, standard_error=0.01, **kwargs).trusted
+    assert not KLEstimate(kl=1.0, standard_error=0.01, **{**kwargs, "ess": 150.0}).trusted
+
+
+def test_kl_of_nan_model_raises():
+    model = EnergyMLP(width=8)
+    with torch.no_grad():
+        model.output.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogDensity, match="NaN or infinite at 100 of 100 data draws"):
+        kl_divergence_is(model, Spiral(), torch.Generator(), n_data=100, n_proposal=100,
+                         min_ess=10)
+
+
 def test_kl_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_data must be an integer >= 2, got 1"):
         kl_divergence_is(EnergyMLP(width=8), Spiral(), torch.Generator(), n_data=1)
     with pytest.raises(ValueError, match="min_ess must be a finite number > 0, got 0"):
         kl_divergence_is(EnergyMLP(width=8), Spiral(), torch.Generator(), min_ess=0)
+    with pytest.raises(ValueError, match="min_ess must be <= n_proposal"):
+        kl_divergence_is(EnergyMLP(width=8), Spiral(), torch.Generator(), n_proposal=50,
+                         min_ess=1000)

@@ -11,6 +11,8 @@ import torch
 
 from cdlib.experiments import PRESETS, all_runs, run_spec
 from cdlib.results import load_preset_results, read_run, summarize
+from cdlib import runner
+from cdlib.metrics import NonFiniteLogDensity
 from cdlib.runner import _exclusive, execute_run, main, run_all
 from cdlib.train import Trainer
 
@@ -126,8 +128,82 @@ def test_stored_runs_are_skipped_and_retrain_redoes_them(tmp_path):
     assert [comparable(r) for r in sorted(again, key=lambda r: r["name"])] == [
         comparable(r) for r in sorted(first, key=lambda r: r["name"])
     ]
-    names = [spec.name for spec in all_runs(SMOKE, ("table",))]
-    assert set(load_preset_results(tmp_path / "r", "smoke", names)) == set(names)
+    specs = all_runs(SMOKE, ("table",))
+    loaded = load_preset_results(tmp_path / "r", SMOKE, specs)
+    assert set(loaded) == {spec.name for spec in specs}
+
+
+def test_retrain_of_one_study_keeps_others(tmp_path):
+    args = dict(results_root=tmp_path / "r", work_root=tmp_path / "w")
+    run_all("smoke", studies=("optimizer", "steps"), **args)
+    again = run_all("smoke", studies=("optimizer",), retrain=True, **args)
+    assert len(again) == len(all_runs(SMOKE, ("optimizer",)))
+    for spec in all_runs(SMOKE, ("steps",)):
+        assert (tmp_path / "r" / "smoke" / spec.name / "result.json").is_file(), spec.name
+        assert (tmp_path / "w" / "smoke" / spec.name / "checkpoint.pt").is_file(), spec.name
+
+
+def test_unwritable_results_folder_fails_first(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="--results folder .* cannot be created or written"):
+        run_all("smoke", studies=("optimizer",), results_root=blocker, work_root=tmp_path / "w")
+    assert not (tmp_path / "w" / "smoke").exists() or not any((tmp_path / "w" / "smoke").iterdir())
+
+
+def test_corrupt_result_is_trained_again(tmp_path):
+    args = dict(studies=("optimizer",), results_root=tmp_path / "r", work_root=tmp_path / "w")
+    first = {record["name"]: record for record in run_all("smoke", **args)}
+    spec = all_runs(SMOKE, ("optimizer",))[0]
+    path = tmp_path / "r" / "smoke" / spec.name / "result.json"
+    path.write_text(path.read_text()[:300])
+    with pytest.raises(ValueError, match=r"cannot be read \(JSONDecodeError"):
+        read_run(path.parent)
+    again = run_all("smoke", **args)
+    assert [record["name"] for record in again] == [spec.name]
+    assert comparable(again[0]) == comparable(first[spec.name])
+
+
+def test_result_of_other_configuration_is_rejected(tmp_path):
+    spec = run_spec("cd_mh", SMOKE)
+    execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    wider = dataclasses.replace(SMOKE, width=16)
+    with pytest.raises(ValueError, match="was trained with another preset width, width than preset .smoke."):
+        load_preset_results(tmp_path / "r", wider, [run_spec("cd_mh", wider)])
+    with pytest.raises(ValueError, match="rerun with --retrain"):
+        execute_run(run_spec("cd_mh", wider), wider, tmp_path / "r", tmp_path / "w2")
+
+
+def test_stored_run_is_not_trained_again(tmp_path):
+    spec = run_spec("cnce_small", SMOKE)
+    assert execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w") is not None
+    leftover = tmp_path / "w" / "smoke" / spec.name / "checkpoint.pt123.tmp"
+    leftover.write_text("partial")
+    assert execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w") is None
+    (tmp_path / "r" / "smoke" / spec.name / "result.json").unlink()
+    assert execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")["status"] == "finished"
+    assert not leftover.exists()
+
+
+def test_nan_model_at_evaluation_is_diverged(tmp_path, monkeypatch):
+    spec = run_spec("cd_mh", SMOKE)
+
+    def nan_model(trainer, preset):
+        raise NonFiniteLogDensity("the model's log-density is NaN or infinite at 5 of 5 data draws")
+
+    monkeypatch.setattr(runner, "evaluate_run", nan_model)
+    record = execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    assert record["status"] == "diverged"
+    assert record["error"].startswith(f"evaluation after step {SMOKE.steps} failed")
+    assert "method='cd_mh'" in record["error"]
+
+
+def test_result_files_are_readable_by_all(tmp_path):
+    spec = run_spec("cnce_small", SMOKE)
+    execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    for name in ("result.json", "arrays.npz"):
+        mode = (tmp_path / "r" / "smoke" / spec.name / name).stat().st_mode & 0o777
+        assert mode == 0o644, name
 
 
 def test_locked_run_is_not_trained_twice(tmp_path):
@@ -140,8 +216,9 @@ def test_locked_run_is_not_trained_twice(tmp_path):
 
 
 def test_missing_results_are_named(tmp_path):
+    cpu = PRESETS["cpu"]
     with pytest.raises(ValueError, match=r"1 of 1 runs of preset 'cpu' have no stored result"):
-        load_preset_results(tmp_path, "cpu", ["cd_eps0.0075_lr0.1_steps20000_seed0"])
+        load_preset_results(tmp_path, cpu, [run_spec("cd", cpu)])
 
 
 def test_checkpoint_of_other_configuration_is_rejected(tmp_path):
@@ -158,6 +235,7 @@ def test_checkpoint_of_other_configuration_is_rejected(tmp_path):
         (["--preset", "laptop"], "preset must be one of 'smoke', 'cpu', 'paper', got 'laptop'"),
         (["--preset", "smoke", "--jobs", "0"], "jobs must be an integer >= 1, got 0"),
         (["--preset", "smoke", "--studies", "figure3"], "study must be one of"),
+        (["--preset", "smoke", "--device", "meta"], "device must be 'cpu' or a CUDA device"),
         pytest.param(
             ["--preset", "paper"],
             "device is 'cuda' but CUDA is not available",

@@ -130,6 +130,9 @@ BAD_CONFIGS = [
     ({"momentum": 1.0}, r"momentum must lie in \[0, 1\), got 1.0"),
     ({"dtype": "float16"}, "dtype must be one of 'float32', 'float64', got 'float16'"),
     ({"device": "tpu:0"}, "device must name a torch device, got 'tpu:0'"),
+    ({"device": "meta"}, r"device must be 'cpu' or a CUDA device \('cuda', 'cuda:N'\), got 'meta'"),
+    ({"device": "mps"}, "device must be 'cpu' or a CUDA device"),
+    ({"device": "cpu:7"}, "device must be 'cpu' or a CUDA device"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
 ]
 

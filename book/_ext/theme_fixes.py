@@ -1,4 +1,4 @@
-"""Fix two defects of the HTML theme stack that show up as errors in the browser.
+"""Fix three defects of the HTML theme stack that show up in the browser.
 
 NOTE: Sphinx 7.4 adds an inline script (``app.add_js_file(None, body=...)``)
 twice when an extension registers it after the builder starts: once with the
@@ -12,6 +12,13 @@ pydata-sphinx-theme 0.17 logs "Got invalid theme mode" on every first visit
 unless the template variable ``default_mode`` (in ``html_context``) is set, and
 Jupyter Book does not set it. It is set here to "auto", the mode the theme then
 falls back to.
+
+Sphinx 7.4's search page builds each result's summary from the text of the
+matching page, math included, and the search page does not run MathJax, so the
+summaries showed TeX source such as ``\\(\\alpha_\\theta\\)``. A script added to
+the search page only wraps ``Search.htmlToText`` (from Sphinx's searchtools.js)
+so that every math element is replaced by the word "[formula]" before the
+summary is cut.
 """
 
 from sphinx.application import Sphinx
@@ -43,7 +50,28 @@ def drop_registered_duplicates(app: Sphinx, env) -> None:
     app.registry.js_files[:] = kept
 
 
+# Runs after searchtools.js, which defines the global ``Search``.
+SEARCH_SUMMARY_SCRIPT = """
+(() => {
+  if (typeof Search === "undefined") return;
+  const pageText = Search.htmlToText;
+  Search.htmlToText = (htmlString, anchor) => {
+    const page = new DOMParser().parseFromString(htmlString, "text/html");
+    page.querySelectorAll(".math").forEach((element) => element.replaceWith("[formula]"));
+    return pageText(page.documentElement.outerHTML, anchor);
+  };
+})();
+"""
+
+
+def add_search_summary_script(app: Sphinx, pagename, templatename, context, doctree):
+    """Add the math-free summary script to the search page, and to no other page."""
+    if pagename == "search":
+        app.add_js_file(None, body=SEARCH_SUMMARY_SCRIPT, priority=900)
+
+
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", set_default_mode)
     app.connect("env-updated", drop_registered_duplicates)
+    app.connect("html-page-context", add_search_summary_script)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
