@@ -50,9 +50,12 @@ def drop_registered_duplicates(app: Sphinx, env) -> None:
     app.registry.js_files[:] = kept
 
 
-# Runs after searchtools.js, which defines the global ``Search``.
+# The search template loads searchtools.js, which defines the global ``Search``,
+# after the registered scripts, so the wrapper is installed at DOMContentLoaded.
+# Its listener is registered before the one of searchtools.js that starts the
+# search, so it runs first.
 SEARCH_SUMMARY_SCRIPT = """
-(() => {
+document.addEventListener("DOMContentLoaded", () => {
   if (typeof Search === "undefined") return;
   const pageText = Search.htmlToText;
   Search.htmlToText = (htmlString, anchor) => {
@@ -60,7 +63,7 @@ SEARCH_SUMMARY_SCRIPT = """
     page.querySelectorAll(".math").forEach((element) => element.replaceWith("[formula]"));
     return pageText(page.documentElement.outerHTML, anchor);
   };
-})();
+});
 """
 
 
