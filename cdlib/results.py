@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import tempfile
+import textwrap
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,30 +207,50 @@ def _json_safe(value):
     return value
 
 
+def cdlib_changed_since(commit, repository: Path = Path(__file__).resolve().parent.parent):
+    """Return whether ``cdlib/`` in the checkout differs from ``commit``, or None if unknown."""
+    if not commit:
+        return None
+    try:
+        status = subprocess.run(
+            ["git", "-C", str(repository), "diff", "--quiet", commit, "--", "cdlib"],
+            capture_output=True,
+        ).returncode
+    except OSError:
+        return None
+    return {0: False, 1: True}.get(status)
+
+
 def provenance_summary(results) -> str:
-    """Return one paragraph that says where a set of stored runs came from.
+    """Return a paragraph, wrapped at 90 characters, on where stored runs came from.
 
     It lists the distinct values of each provenance field over the runs, so a
-    figure built from runs of two commits or two machines says so.
+    figure built from runs of two commits or two machines says so, and it says
+    whether ``cdlib`` in the current checkout differs from each commit.
     """
-    results = list(results)
     records = [result.record for result in results]
 
     def distinct(values):
         return ", ".join(sorted({str(value) for value in values}))
 
     provenance = [record["provenance"] for record in records]
-    commits = distinct(
-        (p["commit"] or "unknown")[:10] + (" (cdlib modified)" if p["cdlib_modified"] else "")
-        for p in provenance
-    )
+    commits = []
+    for commit in sorted({p["commit"] for p in provenance}, key=str):
+        changed = cdlib_changed_since(commit)
+        note = {False: "cdlib unchanged since", True: "cdlib changed since"}.get(changed, "")
+        commits.append(f"{(commit or 'unknown')[:10]}" + (f" ({note})" if note else ""))
+    if any(p["cdlib_modified"] for p in provenance):
+        commits.append("some with uncommitted changes to cdlib")
     dates = sorted(p["finished_at"][:10] for p in provenance)
-    return (
+    finished = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    text = (
         f"{len(records)} stored runs of preset {distinct(r['preset']['name'] for r in records)}; "
         f"seeds {distinct(r['seed'] for r in records)}; "
-        f"cdlib {distinct(p['cdlib_version'] for p in provenance)} at commit {commits}; "
+        f"cdlib {distinct(p['cdlib_version'] for p in provenance)} at commit "
+        f"{', '.join(commits)}; "
         f"torch {distinct(p['packages']['torch'] for p in provenance)}; "
         f"device {distinct(p['device'] for p in provenance)}, "
         f"{distinct(p['torch_threads'] for p in provenance)} torch thread(s) per run; "
-        f"finished {dates[0]} to {dates[-1]}."
+        f"finished {finished}."
     )
+    return textwrap.fill(text, width=90)

@@ -64,12 +64,18 @@ COLLECT_PAGE_FACTS = """
 ([notProse, rawTexPattern]) => {
     const rawTex = new RegExp(rawTexPattern);
     const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    // A Markdown table that was not parsed shows as a line of pipes.
+    const rawTable = /(^|\n)\s*\|[^\n]*\|\s*($|\n)/;
     const rawTexText = [];
+    const rawTableText = [];
     while (walker.nextNode()) {
         const node = walker.currentNode;
         if (node.parentElement.closest(notProse)) continue;
         if (rawTex.test(node.textContent)) {
             rawTexText.push(node.textContent.trim().slice(0, 120));
+        }
+        if (rawTable.test(node.textContent)) {
+            rawTableText.push(node.textContent.trim().slice(0, 120));
         }
     }
     const mathElements = [...document.querySelectorAll("span.math, div.math")];
@@ -82,6 +88,8 @@ COLLECT_PAGE_FACTS = """
             .map((element) => element.getAttribute("data-mjx-error")
                 || element.textContent.slice(0, 120)),
         rawTexText: rawTexText,
+        rawTableText: rawTableText,
+        tables: document.querySelectorAll("article table").length,
         images: [...document.images].map((image) => ({
             src: image.currentSrc || image.src,
             loaded: image.complete && image.naturalWidth > 0,
@@ -270,6 +278,13 @@ def test_math_rendered_by_mathjax(visits):
 def test_no_raw_tex_in_text(visits):
     raw = {name: visit.facts["rawTexText"] for name, visit in visits.items()}
     assert {name: text for name, text in raw.items() if text} == {}
+
+
+def test_no_raw_markdown_tables(visits):
+    raw = {name: visit.facts["rawTableText"] for name, visit in visits.items()}
+    assert {name: text for name, text in raw.items() if text} == {}
+    # Its configuration table and the two tables its cells print.
+    assert visits["spiral_experiments"].facts["tables"] >= 3
 
 
 def test_images_load(visits):
