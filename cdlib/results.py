@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments import CONFIGURATIONS, train_config
+from .experiments import train_config
 
 RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.npz"
@@ -179,10 +179,6 @@ def summarize(results: list, key: str) -> dict:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values), "excluded": excluded}
 
 
-def configuration_label(name: str) -> str:
-    return CONFIGURATIONS[name].label
-
-
 def _atomic_write(path: Path, write) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -225,7 +221,7 @@ def provenance_summary(results) -> str:
     """Return a paragraph, wrapped at 90 characters, on where stored runs came from.
 
     It lists the distinct values of each provenance field over the runs, so a
-    figure built from runs of two commits or two machines says so, and it says
+    figure built from runs of two commits or two machines shows it, and it states
     whether ``cdlib`` in the current checkout differs from each commit.
     """
     records = [result.record for result in results]
