@@ -65,7 +65,7 @@ COLLECT_PAGE_FACTS = """
     const rawTex = new RegExp(rawTexPattern);
     const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
     // A Markdown table that was not parsed shows as a line of pipes.
-    const rawTable = /(^|\n)\s*\|[^\n]*\|\s*($|\n)/;
+    const rawTable = /(^|\\n)\\s*\\|[^\\n]*\\|\\s*($|\\n)/;
     const rawTexText = [];
     const rawTableText = [];
     while (walker.nextNode()) {
