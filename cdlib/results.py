@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import textwrap
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .experiments import train_config
 RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.npz"
 STATUSES = ("finished", "diverged")
+RECORD_KEYS = ("name", "spec", "config", "seed", "preset", "steps_done", "metrics",
+               "provenance", "train_seconds", "evaluation_seconds")
 
 
 @dataclass
@@ -94,7 +97,7 @@ def read_run(folder: Path) -> RunResult:
         record = json.loads(path.read_text(encoding="utf-8"))
         with np.load(folder / ARRAYS_FILE) as stored:
             arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         raise ValueError(
             f"stored run {str(folder)!r} cannot be read ({type(error).__name__}: {error}); "
             "delete the folder and train the run again"
@@ -103,6 +106,12 @@ def read_run(folder: Path) -> RunResult:
         raise ValueError(
             f"{str(path)!r} is not a run record with a status in {STATUSES}; "
             "delete the folder and train the run again"
+        )
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} lacks {', '.join(missing)}; delete the folder and train "
+            "the run again"
         )
     return RunResult(record, arrays)
 

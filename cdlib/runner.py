@@ -83,9 +83,14 @@ def train_run(spec, preset, work_root: Path, device=None, progress=False):
                 "from scratch, or rerun with --retrain"
             ) from error
         if trainer.config != config:
+            stored, wanted = trainer.config.to_dict(), config.to_dict()
+            fields = ", ".join(
+                f"{key}={stored[key]!r} instead of {wanted[key]!r}"
+                for key in wanted if stored[key] != wanted[key]
+            )
             raise ValueError(
                 f"checkpoint {str(checkpoint)!r} belongs to another configuration "
-                f"({trainer.config}); delete it or rerun with --retrain"
+                f"({fields}); delete it or rerun with --retrain"
             )
         LOG.info("%s: resuming at step %d of %d", spec.name, trainer.step, config.steps)
     else:
@@ -126,10 +131,16 @@ def evaluate_run(trainer, preset) -> tuple[dict, dict]:
         if name == "e1-e2":
             log_q = normalize_on_grid(model_log_density(model, grid.points), grid.cell_area)
             arrays["log_density_e1e2"] = log_q.reshape(grid.shape).float().numpy()
+    arrays.update(_model_samples(model, preset, sampler_seed))
+    for name, values in arrays.items():
+        if not np.isfinite(values).all():
+            raise NonFiniteLogDensity(f"the stored array {name} has NaN or infinite values")
+    for name in PLANES:
+        if not math.isfinite(metrics[f"slice_kl_{name}"]):
+            raise NonFiniteLogDensity(f"the KL on the {name} slice is not finite")
     metrics.update(_history_metrics(trainer.history))
     arrays.update(_binned_history(trainer.history))
     arrays.update(_contrastive_samples(trainer, contrastive_seed))
-    arrays.update(_model_samples(model, preset, sampler_seed))
     metrics["sampler_acceptance"] = float(arrays.pop("sampler_acceptance"))
     return metrics, arrays
 
@@ -344,6 +355,13 @@ def prepare(
     train_config(runs[0], preset, device)
     for option, root in (("--results", results_root), ("--work", work_root)):
         _check_writable(option, Path(root) / preset.name)
+        for spec in runs:
+            folder = Path(root) / preset.name / spec.name
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(
+                    f"{option} path {str(folder)!r} of run {spec.name} is a file, not a "
+                    "folder; move it away"
+                )
     return preset, runs
 
 
@@ -380,6 +398,10 @@ def run_all(
     preset, runs = prepare(preset_name, studies, results_root, work_root, jobs, threads, device)
     if retrain:
         for spec in runs:
+            # Fails, before anything is deleted, if another command trains the run.
+            with _exclusive(work_root / preset.name / spec.name):
+                pass
+        for spec in runs:
             for root in (results_root, work_root):
                 shutil.rmtree(root / preset.name / spec.name, ignore_errors=True)
     commit = git_commit()
@@ -387,11 +409,12 @@ def run_all(
     LOG.info("preset %s: %d runs to train, %d jobs", preset.name, len(todo), jobs)
     if jobs == 1:
         torch.set_num_threads(threads)
-        records = [
-            execute_run(spec, preset, results_root, work_root, device, commit)
-            for spec in todo
-        ]
-        return [_log_done(record) for record in records if record is not None]
+        records = []
+        for spec in todo:
+            record = execute_run(spec, preset, results_root, work_root, device, commit)
+            if record is not None:
+                records.append(_log_done(record))
+        return records
     context = multiprocessing.get_context("spawn")
     records = []
     with concurrent.futures.ProcessPoolExecutor(

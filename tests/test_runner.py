@@ -215,6 +215,38 @@ def test_locked_run_is_not_trained_twice(tmp_path):
     assert execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")["status"] == "finished"
 
 
+def test_retrain_spares_locked_run(tmp_path):
+    args = dict(studies=("optimizer",), results_root=tmp_path / "r", work_root=tmp_path / "w")
+    run_all("smoke", **args)
+    spec = all_runs(SMOKE, ("optimizer",))[0]
+    with _exclusive(tmp_path / "w" / "smoke" / spec.name):
+        with pytest.raises(RuntimeError, match="locked by another process"):
+            run_all("smoke", retrain=True, **args)
+    for spec in all_runs(SMOKE, ("optimizer",)):
+        assert (tmp_path / "r" / "smoke" / spec.name / "result.json").is_file(), spec.name
+
+
+def test_damaged_arrays_are_named(tmp_path):
+    spec = run_spec("cnce_small", SMOKE)
+    execute_run(spec, SMOKE, tmp_path / "r", tmp_path / "w")
+    path = tmp_path / "r" / "smoke" / spec.name / "arrays.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 400] = bytes(400)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"stored run .*{spec.name}.* cannot be read"):
+        read_run(path.parent)
+
+
+def test_file_in_place_of_run_folder_fails_first(tmp_path):
+    spec = all_runs(SMOKE, ("optimizer",))[0]
+    (tmp_path / "r" / "smoke").mkdir(parents=True)
+    (tmp_path / "r" / "smoke" / spec.name).write_text("not a folder")
+    with pytest.raises(ValueError, match=f"--results path .*{spec.name}.* is a file"):
+        run_all("smoke", studies=("optimizer",), results_root=tmp_path / "r",
+                work_root=tmp_path / "w")
+    assert not (tmp_path / "w" / "smoke" / spec.name / "checkpoint.pt").exists()
+
+
 def test_missing_results_are_named(tmp_path):
     cpu = PRESETS["cpu"]
     with pytest.raises(ValueError, match=r"1 of 1 runs of preset 'cpu' have no stored result"):
