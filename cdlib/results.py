@@ -139,6 +139,16 @@ def config_differences(record: dict, spec, preset) -> list:
     return sorted(differences)
 
 
+def check_current(result: RunResult, spec, preset, folder: Path, advice: str) -> None:
+    """Raise ValueError, ending with ``advice``, if ``result`` is stale for ``preset``."""
+    differences = config_differences(result.record, spec, preset)
+    if differences:
+        raise ValueError(
+            f"stored run {str(folder)!r} was trained with another "
+            f"{', '.join(differences)} than preset {preset.name!r} sets; {advice}"
+        )
+
+
 def load_preset_results(results_root: Path, preset, specs) -> dict:
     """Return the stored runs ``specs`` of ``preset`` (a :class:`Preset`) by name.
 
@@ -157,14 +167,11 @@ def load_preset_results(results_root: Path, preset, specs) -> dict:
     results = {}
     for spec in specs:
         result = read_run(folder / spec.name)
-        differences = config_differences(result.record, spec, preset)
-        if differences:
-            raise ValueError(
-                f"stored run {str(folder / spec.name)!r} was trained with another "
-                f"{', '.join(differences)} than preset {preset.name!r} sets; train it "
-                f"again with `python -m cdlib.runner --preset {preset.name} "
-                f"--results {results_root} --retrain`"
-            )
+        check_current(
+            result, spec, preset, folder / spec.name,
+            f"train it again with `python -m cdlib.runner --preset {preset.name} "
+            f"--results {results_root} --retrain`",
+        )
         results[spec.name] = result
     return results
 

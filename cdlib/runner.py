@@ -46,7 +46,7 @@ from .metrics import (
     slice_kl,
 )
 from .provenance import cpu_model, package_versions
-from .results import RESULT_FILE, config_differences, git_commit, read_run, write_run
+from .results import RESULT_FILE, check_current, git_commit, read_run, write_run
 from .train import Trainer, TrainingDiverged, _spawn_seeds
 
 LOG = logging.getLogger("cdlib.runner")
@@ -300,7 +300,7 @@ def _worker(spec, preset, results_root, work_root, device, threads, commit):
 
 
 def stored_result_is_current(folder: Path, spec, preset) -> bool:
-    """Return True if ``folder`` holds a readable result of ``spec`` at ``preset``.
+    """Return True if ``folder`` contains a readable result of ``spec`` at ``preset``.
 
     An unreadable result counts as missing, so the run is trained again and the
     result rewritten. A readable result of another configuration raises, because
@@ -313,12 +313,7 @@ def stored_result_is_current(folder: Path, spec, preset) -> bool:
     except ValueError as error:
         LOG.warning("%s; training the run again", error)
         return False
-    differences = config_differences(result.record, spec, preset)
-    if differences:
-        raise ValueError(
-            f"stored run {str(folder)!r} was trained with another {', '.join(differences)} "
-            f"than preset {preset.name!r} sets; rerun with --retrain to replace it"
-        )
+    check_current(result, spec, preset, folder, "rerun with --retrain to replace it")
     return True
 
 
@@ -350,8 +345,8 @@ def prepare(
         if study not in STUDIES:
             raise ValueError(f"study must be one of {STUDIES}, got {study!r}")
     runs = all_runs(preset, studies)
-    # One TrainConfig is built now, so that a device that is missing (the paper
-    # preset's CUDA on a CPU machine) fails before anything else happens.
+    # One TrainConfig is built now, so that a missing device (CUDA, which the
+    # paper preset requests, on a CPU machine) fails before anything else happens.
     train_config(runs[0], preset, device)
     for option, root in (("--results", results_root), ("--work", work_root)):
         _check_writable(option, Path(root) / preset.name)

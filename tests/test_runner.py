@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
 
 def test_diverged_run_is_recorded_without_figures(tmp_path):
     # SGD at a learning rate of 1e6 makes the parameters overflow within a few
-    # updates; the run must stop, keep its checkpoint and be stored as diverged.
+    # updates. The run must stop, keep its checkpoint and be stored as diverged.
     preset = dataclasses.replace(SMOKE, optimizer="sgd", lr_start=1e6, lr_end=1e6,
                                  checkpoint_every=1)
     spec = run_spec("cd", preset, lr_scale=1.0)
